@@ -1,0 +1,5 @@
+"""`python -m admin` runs the credgate command."""
+
+from admin.cli import main
+
+main()

@@ -1,0 +1,359 @@
+"""The `credgate` command: servers (up, gateway, admin), migrate, and user, group and credential management."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from admin import lifecycle
+from gateway import hashing, store
+from gateway.settings import Settings, SettingsError, exit_on_error, load_settings
+
+Command = Callable[[argparse.Namespace, Settings], Awaitable[Any]]
+
+
+def cli_actor() -> store.Actor:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return store.Actor(label=f"cli:{user}", auth_method="cli", source="cli")
+
+
+def to_json(value: Any) -> str:
+    def default(obj: Any) -> Any:
+        if isinstance(obj, datetime):
+            return obj.isoformat().replace("+00:00", "Z")
+        return str(obj)
+
+    return json.dumps(value, default=default, indent=2, sort_keys=True)
+
+
+def make_hash_secret(settings: Settings) -> lifecycle.HashSecret:
+    hasher = hashing.make_hasher(hashing.Argon2Params(
+        memory_kib=settings.argon2.memory_kib, time_cost=settings.argon2.time_cost,
+        parallelism=settings.argon2.parallelism))
+
+    async def hash_secret(secret: str) -> str:
+        return await asyncio.to_thread(hashing.hash_secret, hasher, secret)
+
+    return hash_secret
+
+
+async def open_pool(settings: Settings) -> store.Pool:
+    try:
+        return await store.create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise CliError(f"cannot reach the database at {settings.database_url}: {exc.__class__.__name__}: {exc}; "
+                       "is Postgres running (make run starts one) and database_url right?") from None
+
+
+class CliError(Exception):
+    """A failure reported to the operator as one line, exit status 1."""
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> Any:
+    pool = await open_pool(settings)
+    try:
+        async with pool.acquire() as conn:
+            applied = await store.migrate(conn)
+    finally:
+        await pool.close()
+    return {"applied": applied, "message": f"applied {len(applied)} migration(s)" if applied else "schema is up to date"}
+
+
+async def cmd_users_create(args: argparse.Namespace, settings: Settings) -> Any:
+    pool = await open_pool(settings)
+    try:
+        created = await lifecycle.create_principal(
+            pool, cli_actor(), make_hash_secret(settings), args.name, service=args.service, admin=args.admin,
+            groups=args.group or [], generate=args.admin and not args.service)
+    finally:
+        await pool.close()
+    out = dict(created.principal)
+    if created.password is not None:
+        out["password"] = created.password
+        out["message"] = f"created {args.name}; password (shown once): {created.password}"
+    else:
+        out["message"] = f"created {'service account' if args.service else 'user'} {args.name}"
+    return out
+
+
+async def cmd_users_list(args: argparse.Namespace, settings: Settings) -> Any:
+    pool = await open_pool(settings)
+    try:
+        rows = await pool.fetch(store.LIST_PRINCIPALS, None, 0, 10_000)
+    finally:
+        await pool.close()
+    return [lifecycle.public_principal(r) for r in rows]
+
+
+async def cmd_users_disable(args: argparse.Namespace, settings: Settings) -> Any:
+    pool = await open_pool(settings)
+    try:
+        return await lifecycle.set_disabled(pool, cli_actor(), args.name, disabled=args.cmd == "disable")
+    finally:
+        await pool.close()
+
+
+async def cmd_users_password(args: argparse.Namespace, settings: Settings) -> Any:
+    pool = await open_pool(settings)
+    try:
+        password = await lifecycle.reset_password(pool, cli_actor(), make_hash_secret(settings), args.name)
+    finally:
+        await pool.close()
+    return {"name": args.name, "password": password, "message": f"new password for {args.name} (shown once): {password}"}
+
+
+async def cmd_groups_create(args: argparse.Namespace, settings: Settings) -> Any:
+    pool = await open_pool(settings)
+    try:
+        return await lifecycle.create_group(pool, cli_actor(), args.name, args.description or "")
+    finally:
+        await pool.close()
+
+
+async def cmd_groups_list(args: argparse.Namespace, settings: Settings) -> Any:
+    pool = await open_pool(settings)
+    try:
+        rows = await pool.fetch(store.LIST_GROUPS)
+    finally:
+        await pool.close()
+    return [{"name": r["name"], "description": r["description"], "members": list(r["members"])} for r in rows]
+
+
+async def cmd_groups_member(args: argparse.Namespace, settings: Settings) -> Any:
+    pool = await open_pool(settings)
+    try:
+        changed = await lifecycle.change_membership(pool, cli_actor(), args.group, args.user,
+                                                    add=args.cmd == "add-member")
+    finally:
+        await pool.close()
+    return {"group": args.group, "user": args.user, "changed": changed}
+
+
+def parse_expires(value: str | None) -> int | str | None:
+    if value is None or value == "never":
+        return value
+    try:
+        days = int(value)
+    except ValueError:
+        raise CliError("--expires-in takes a number of days or 'never'") from None
+    return days
+
+
+async def cmd_credentials_create(args: argparse.Namespace, settings: Settings) -> Any:
+    pool = await open_pool(settings)
+    try:
+        issued = await lifecycle.create_credential(
+            pool, cli_actor(), make_hash_secret(settings), settings.policy, owner=args.owner, kind=args.kind,
+            name=args.name or "", expires_in_days=parse_expires(args.expires_in))  # type: ignore[arg-type]
+    finally:
+        await pool.close()
+    return _issued(issued, "created")
+
+
+def _issued(issued: lifecycle.IssuedSecret, verb: str) -> dict[str, Any]:
+    out = issued.reveal()
+    if issued.token is not None:
+        out["message"] = f"{verb} token {out['id']}; the token is shown once:\n{issued.token}"
+    else:
+        out["message"] = (f"{verb} key pair {out['id']}; the secret is shown once:\n"
+                          f"client_id: {issued.client_id}\nsecret:    {issued.secret}")
+    return out
+
+
+async def cmd_credentials_list(args: argparse.Namespace, settings: Settings) -> Any:
+    pool = await open_pool(settings)
+    try:
+        async with pool.acquire() as conn:
+            owner_id = (await lifecycle.get_principal(conn, args.owner))["id"] if args.owner else None
+            items: list[dict[str, Any]] = []
+            cursor: int | None = 0
+            while cursor is not None:
+                page, cursor = await lifecycle.list_credentials(conn, owner_id=owner_id, status=args.status,
+                                                                kind=args.kind, after_id=cursor, limit=500)
+                items.extend(page)
+    finally:
+        await pool.close()
+    return items
+
+
+async def cmd_credentials_show(args: argparse.Namespace, settings: Settings) -> Any:
+    pool = await open_pool(settings)
+    try:
+        async with pool.acquire() as conn:
+            return lifecycle.public_credential(await lifecycle.get_credential(conn, args.id))
+    finally:
+        await pool.close()
+
+
+async def cmd_credentials_rotate(args: argparse.Namespace, settings: Settings) -> Any:
+    pool = await open_pool(settings)
+    try:
+        issued = await lifecycle.rotate_credential(pool, cli_actor(), make_hash_secret(settings), args.id,
+                                                   grace_seconds=args.grace)
+    finally:
+        await pool.close()
+    return _issued(issued, "rotated")
+
+
+async def cmd_credentials_revoke(args: argparse.Namespace, settings: Settings) -> Any:
+    pool = await open_pool(settings)
+    try:
+        return await lifecycle.revoke_credential(pool, cli_actor(), args.id)
+    finally:
+        await pool.close()
+
+
+# --- output -----------------------------------------------------------------------------------------------
+
+def print_result(result: Any, as_json: bool) -> None:
+    if as_json:
+        if isinstance(result, dict):
+            result = {k: v for k, v in result.items() if k != "message"}
+        print(to_json(result))
+        return
+    if isinstance(result, dict) and "message" in result:
+        print(result["message"])
+    elif isinstance(result, list):
+        for item in result:
+            print(_one_line(item))
+        if not result:
+            print("(none)")
+    elif isinstance(result, dict):
+        print(_one_line(result))
+
+
+def _one_line(item: dict[str, Any]) -> str:
+    def show(v: Any) -> str:
+        if isinstance(v, datetime):
+            return v.strftime("%Y-%m-%dT%H:%M:%SZ")
+        if isinstance(v, list):
+            return ",".join(map(str, v)) or "-"
+        return "-" if v is None else str(v)
+
+    return "  ".join(f"{k}={show(v)}" for k, v in item.items() if k not in ("created_by",))
+
+
+# --- parser -----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML config file (default: $CREDGATE_CONFIG)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    parser = argparse.ArgumentParser(prog="credgate", description=__doc__, parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", parents=[common], help="embedded Postgres+Redis (unless configured), migrate, "
+                        "gateway, admin and demo upstream")
+    up.add_argument("--data-dir", help="where embedded servers keep their data (default .credgate)")
+    gw = sub.add_parser("gateway", parents=[common], help="run the authenticating reverse proxy")
+    gw.add_argument("--listen", help="HOST:PORT (overrides gateway.listen)")
+    gw.add_argument("--workers", type=int, help="processes sharing the port (SO_REUSEPORT)")
+    adm = sub.add_parser("admin", parents=[common], help="run the admin API")
+    adm.add_argument("--listen", help="HOST:PORT (overrides admin.listen)")
+    sub.add_parser("migrate", parents=[common], help="apply pending schema migrations").set_defaults(run=cmd_migrate)
+
+    users = sub.add_parser("users", help="users and service accounts").add_subparsers(dest="cmd", required=True)
+    p = users.add_parser("create", parents=[common])
+    p.add_argument("name")
+    p.add_argument("--service", action="store_true", help="non-interactive service account (no password)")
+    p.add_argument("--group", action="append", metavar="G", help="add to group G (repeatable)")
+    p.add_argument("--admin", action="store_true", help="administrator; prints a generated password once")
+    p.set_defaults(run=cmd_users_create)
+    users.add_parser("list", parents=[common]).set_defaults(run=cmd_users_list)
+    for verb in ("disable", "enable"):
+        p = users.add_parser(verb, parents=[common])
+        p.add_argument("name")
+        p.set_defaults(run=cmd_users_disable)
+    p = users.add_parser("reset-password", parents=[common], help="new generated password, shown once")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_users_password)
+
+    groups = sub.add_parser("groups", help="permission groups").add_subparsers(dest="cmd", required=True)
+    p = groups.add_parser("create", parents=[common])
+    p.add_argument("name")
+    p.add_argument("--description")
+    p.set_defaults(run=cmd_groups_create)
+    groups.add_parser("list", parents=[common]).set_defaults(run=cmd_groups_list)
+    for verb in ("add-member", "remove-member"):
+        p = groups.add_parser(verb, parents=[common])
+        p.add_argument("group")
+        p.add_argument("user")
+        p.set_defaults(run=cmd_groups_member)
+
+    creds = sub.add_parser("credentials", help="tokens and key pairs").add_subparsers(dest="cmd", required=True)
+    p = creds.add_parser("create", parents=[common], help="create a credential; prints the secret once")
+    p.add_argument("--owner", required=True, help="the user or service account it acts as")
+    p.add_argument("--kind", choices=("token", "key"), required=True)
+    p.add_argument("--name", help="a label")
+    p.add_argument("--expires-in", metavar="DAYS|never", help="lifetime in days (default: policy, 90)")
+    p.set_defaults(run=cmd_credentials_create)
+    p = creds.add_parser("list", parents=[common])
+    p.add_argument("--owner")
+    p.add_argument("--status", choices=("valid", "expired", "suspended", "revoked"))
+    p.add_argument("--kind", choices=("token", "key"))
+    p.set_defaults(run=cmd_credentials_list)
+    for verb, run in (("show", cmd_credentials_show), ("revoke", cmd_credentials_revoke)):
+        p = creds.add_parser(verb, parents=[common])
+        p.add_argument("id")
+        p.set_defaults(run=run)
+    p = creds.add_parser("rotate", parents=[common], help="new secret, same id; prints it once")
+    p.add_argument("id")
+    p.add_argument("--grace", type=int, default=0, metavar="SECONDS", help="old secret keeps working this long")
+    p.set_defaults(run=cmd_credentials_rotate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        from admin.up import run_up
+
+        raise SystemExit(run_up(args))
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as exc:
+        exit_on_error(exc)
+    if args.command == "gateway":
+        from gateway.server import run_gateway
+
+        raise SystemExit(run_gateway(settings, listen=args.listen, workers=args.workers))
+    if args.command == "admin":
+        from admin.server import run_admin
+
+        raise SystemExit(run_admin(settings, listen=args.listen))
+    try:
+        result = asyncio.run(args.run(args, settings))
+    except lifecycle.LifecycleError as exc:
+        _fail(args.json, exc.code, exc.message)
+    except CliError as exc:
+        _fail(args.json, "error", str(exc))
+    except asyncpg.UndefinedTableError:
+        _fail(args.json, "error", "the database has no credgate schema yet; run `credgate migrate`")
+    except asyncpg.PostgresError as exc:
+        _fail(args.json, "error", f"database error: {exc.__class__.__name__}: {exc}")
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    print_result(result, args.json)
+
+
+def _fail(as_json: bool, code: str, message: str) -> None:
+    if as_json:
+        print(to_json({"error": code, "message": message}), file=sys.stderr)
+    else:
+        print(f"credgate: {message}", file=sys.stderr)
+    raise SystemExit(1)

@@ -1,0 +1,465 @@
+"""Typed, frozen settings: a TOML file, environment overrides for scalars, every error reported at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from gateway.routes import Route, parse_upstream
+
+ENV_PREFIX = "CREDGATE_"
+
+
+class Secret:
+    """A string that never shows itself in a repr, str, log or traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class SecretURL(Secret):
+    """A connection URL whose password is masked when shown."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"SecretURL({redact_url(self._value)!r})"
+
+    __str__ = __repr__
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by '***', for logs and messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_header_bytes: int = 32768
+    max_headers: int = 100
+    max_request_line: int = 8192
+    max_body_bytes: int = 100 * 1024 * 1024
+    head_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    body_timeout: float = 60.0
+    upstream_idle: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityHeaders:
+    user_id: str = "X-Auth-User-Id"
+    user: str = "X-Auth-User"
+    groups: str = "X-Auth-Groups"
+    credential_id: str = "X-Auth-Credential-Id"
+    credential_name: str = "X-Auth-Credential-Name"
+    method: str = "X-Auth-Method"
+    scope: str = "X-Auth-Scope"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    listen: str = "127.0.0.1:8080"
+    workers: int = 1
+    metrics_listen: str = "127.0.0.1:9100"
+    trusted_proxies: tuple[str, ...] = ()
+    access_key_header: str = "accessKey"
+    secret_key_header: str = "secretKey"
+    keep_credential_headers: bool = False
+    access_log: str = "stdout"
+    expiry_warning_days: int = 14
+    shutdown_timeout: float = 10.0
+    usage_flush_seconds: float = 5.0
+    limits: Limits = field(default_factory=Limits)
+    identity_headers: IdentityHeaders = field(default_factory=IdentityHeaders)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    memory_ttl: float = 60.0
+    redis_ttl: float = 300.0
+    negative_ttl: float = 5.0
+    stale_ttl: float = 300.0
+    max_entries: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Argon2Settings:
+    memory_kib: int = 19456
+    time_cost: int = 2
+    parallelism: int = 1
+    concurrency: int = 2
+    queue_limit: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleSettings:
+    max_failures: int = 10
+    per_address_max_failures: int = 50
+    window_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    default_expiry_days: int = 90
+    max_expiry_days: int = 365
+    allow_never_expires: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen: str = "127.0.0.1:8081"
+    metrics_listen: str = "127.0.0.1:9101"
+    session_ttl: float = 8 * 3600.0
+    max_body_bytes: int = 1024 * 1024
+    login_max_failures: int = 5
+    login_window_seconds: float = 300.0
+    access_log: str = "stdout"
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthSettings:
+    token_path: str = "/oauth/token"
+    revoke_path: str = "/oauth/revoke"
+    introspect_path: str = "/oauth/introspect"
+    access_token_ttl: int = 3600
+    signing_key_id: str = "k1"
+    previous_signing_keys: tuple[str, ...] = ()
+    issuer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    secret_key: Secret = field(default_factory=lambda: Secret(""))
+    secret_key_file: str = ""
+    database_url: SecretURL = field(default_factory=lambda: SecretURL(""))
+    redis_url: SecretURL = field(default_factory=lambda: SecretURL(""))
+    database_pool_size: int = 10
+    data_dir: str = ".credgate"
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    argon2: Argon2Settings = field(default_factory=Argon2Settings)
+    throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    oauth: OAuthSettings = field(default_factory=OAuthSettings)
+    routes: tuple[Route, ...] = ()
+
+    @property
+    def secret_key_bytes(self) -> bytes:
+        return self.secret_key.reveal().encode()
+
+
+class SettingsError(Exception):
+    """Every problem found in a configuration, each naming the key and the fix."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+    def report(self) -> str:
+        lines = [f"credgate: configuration has {len(self.problems)} problem(s):"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None, env: typing.Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (path, else $CREDGATE_CONFIG, else none), apply the environment, validate."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    path = path or env.get(ENV_PREFIX + "CONFIG") or None
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            problems.append(f"config file {path}: not found; pass an existing file with --config or CREDGATE_CONFIG")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"config file {path}: cannot be read ({exc.__class__.__name__})")
+        except tomllib.TOMLDecodeError as exc:
+            problems.append(f"config file {path}: not valid TOML ({exc}); fix the syntax at that line")
+    raw_routes = raw.pop("routes", [])
+    settings = _build(Settings, raw, "", env, problems)
+    routes = _build_routes(raw_routes, problems)
+    settings = dataclasses.replace(settings, routes=tuple(routes))
+    if not settings.secret_key and settings.secret_key_file:
+        try:
+            key = Path(settings.secret_key_file).read_text(encoding="utf-8").strip()
+            settings = dataclasses.replace(settings, secret_key=Secret(key))
+        except OSError as exc:
+            problems.append(f"secret_key_file: {settings.secret_key_file} cannot be read ({exc.strerror}); "
+                            "create it or set CREDGATE_SECRET_KEY")
+    _validate(settings, problems)
+    if problems:
+        raise SettingsError(problems)
+    return settings
+
+
+def _build(cls: type[Any], raw: Any, prefix: str, env: typing.Mapping[str, str], problems: list[str]) -> Any:
+    """Construct dataclass `cls` from a TOML table, checking types and unknown keys, env overriding scalars."""
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'top level'}: expected a table, got {type(raw).__name__}")
+        raw = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "routes"}
+    for key in raw:
+        if key not in fields:
+            near = [n for n in fields if n.split("_")[0] == key.split("_")[0]]
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            problems.append(f"{prefix}{key}: unknown key{hint}; remove it or check the spelling")
+    values: dict[str, Any] = {}
+    for name, fld in fields.items():
+        kind = hints[name]
+        dotted = f"{prefix}{name}"
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, raw.get(name, {}), dotted + ".", env, problems)
+            continue
+        env_name = ENV_PREFIX + dotted.replace(".", "_").upper()
+        if env_name in env:
+            value = _from_env(env[env_name], kind, env_name, problems)
+        elif name in raw:
+            value = _check_type(raw[name], kind, dotted, problems)
+        else:
+            continue
+        if value is not None:
+            values[name] = value
+    return cls(**values)
+
+
+def _from_env(text: str, kind: Any, name: str, problems: list[str]) -> Any:
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            return lowered in ("1", "true", "yes", "on")
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind in (str, Secret, SecretURL):
+            return kind(text)
+        if typing.get_origin(kind) is tuple:
+            return tuple(item.strip() for item in text.split(",") if item.strip())
+    except ValueError:
+        problems.append(f"{name}: {_type_name(kind)} expected; set the environment variable to one")
+        return None
+    problems.append(f"{name}: cannot be set from the environment; set it in the config file")
+    return None
+
+
+def _check_type(value: Any, kind: Any, key: str, problems: list[str]) -> Any:
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind in (str, Secret, SecretURL):
+        ok = isinstance(value, str)
+        value = kind(value) if ok and kind is not str else value
+    elif typing.get_origin(kind) is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    else:  # pragma: no cover - a field type this loader does not know is a programming error
+        raise TypeError(f"unsupported settings type for {key}: {kind}")
+    if not ok:
+        shown = "a secret" if kind in (Secret, SecretURL) else repr(value)[:40]
+        problems.append(f"{key}: {_type_name(kind)} expected, got {shown}; change the value's type")
+        return None
+    return value
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is tuple:
+        return "a list of strings"
+    names = {bool: "true or false", int: "an integer", float: "a number"}
+    return names.get(kind, "a string")
+
+
+_ROUTE_KEYS = {
+    "prefix", "upstream", "auth", "groups", "strip_prefix", "preserve_host",
+    "connect_timeout", "read_timeout", "name",
+}
+
+
+def _build_routes(raw_routes: Any, problems: list[str]) -> list[Route]:
+    if not isinstance(raw_routes, list):
+        problems.append("routes: must be an array of tables ([[routes]]); see config/credgate.example.toml")
+        return []
+    routes: list[Route] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(raw_routes):
+        where = f"routes[{index}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: must be a table with prefix and upstream")
+            continue
+        before = len(problems)
+        for key in raw:
+            if key not in _ROUTE_KEYS:
+                problems.append(f"{where}.{key}: unknown key; allowed: {', '.join(sorted(_ROUTE_KEYS))}")
+        prefix = raw.get("prefix")
+        if not isinstance(prefix, str) or not prefix.startswith("/"):
+            problems.append(f"{where}.prefix: a path starting with '/' is required, e.g. prefix = \"/api\"")
+            prefix = "/"
+        elif any(c in prefix for c in ";%\\#?") or "//" in prefix or "/./" in prefix + "/" or "/../" in prefix + "/":
+            problems.append(f"{where}.prefix: {prefix!r} must be a plain normalised path (no ; % \\ # ? // or dot segments)")
+        normal = prefix.rstrip("/") or "/"
+        if normal in seen:
+            problems.append(f"{where}.prefix: {normal!r} is defined twice; keep one route per prefix")
+        seen.add(normal)
+        upstream_text = raw.get("upstream")
+        upstream = None
+        if not isinstance(upstream_text, str):
+            problems.append(f"{where}.upstream: a URL is required, e.g. upstream = \"http://127.0.0.1:9000\"")
+        else:
+            try:
+                upstream = parse_upstream(upstream_text)
+            except ValueError as exc:
+                problems.append(f"{where}.upstream: {exc}")
+        auth = raw.get("auth", "required")
+        if auth not in ("required", "none"):
+            problems.append(f"{where}.auth: must be \"required\" or \"none\", got {auth!r}")
+        groups = raw.get("groups", [])
+        if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
+            problems.append(f"{where}.groups: a list of group names expected, e.g. groups = [\"finance\"]")
+            groups = []
+        flags = {}
+        for key in ("strip_prefix", "preserve_host"):
+            flags[key] = raw.get(key, False)
+            if not isinstance(flags[key], bool):
+                problems.append(f"{where}.{key}: true or false expected")
+        timeouts = {}
+        for key, default in (("connect_timeout", 5.0), ("read_timeout", 60.0)):
+            value = raw.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                problems.append(f"{where}.{key}: a positive number of seconds expected")
+                value = default
+            timeouts[key] = float(value)
+        name = raw.get("name") or normal
+        if not isinstance(name, str):
+            problems.append(f"{where}.name: a string expected")
+            name = normal
+        if len(problems) > before or upstream is None:
+            continue
+        routes.append(Route(
+            prefix=normal, upstream=upstream, auth_required=auth == "required", groups=frozenset(groups),
+            strip_prefix=bool(flags["strip_prefix"]), preserve_host=bool(flags["preserve_host"]),
+            connect_timeout=timeouts["connect_timeout"], read_timeout=timeouts["read_timeout"], name=name,
+        ))
+    return routes
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split 'host:port' ('[::1]:80' for IPv6) into its parts; ValueError when malformed."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(value)
+    return host.strip("[]"), int(port_text)
+
+
+def _validate(s: Settings, problems: list[str]) -> None:
+    key = s.secret_key.reveal()
+    if not key:
+        problems.append("secret_key: required; set CREDGATE_SECRET_KEY to 32+ random characters "
+                        "(python -c 'import secrets; print(secrets.token_urlsafe(48))')")
+    elif len(key) < 32:
+        problems.append("secret_key: too short; use at least 32 random characters")
+    db = s.database_url.reveal()
+    if not db:
+        problems.append("database_url: required; set CREDGATE_DATABASE_URL to postgresql://user@host:port/db")
+    elif urlsplit(db).scheme not in ("postgresql", "postgres"):
+        problems.append(f"database_url: {redact_url(db)!r} is not a postgresql:// URL")
+    redis_url = s.redis_url.reveal()
+    if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
+        problems.append(f"redis_url: {redact_url(redis_url)!r} is not a redis://, rediss:// or unix:// URL "
+                        "(leave it empty to run without Redis)")
+    for dotted, value in (("gateway.listen", s.gateway.listen), ("gateway.metrics_listen", s.gateway.metrics_listen),
+                          ("admin.listen", s.admin.listen), ("admin.metrics_listen", s.admin.metrics_listen)):
+        if value == "" and dotted.endswith("metrics_listen"):
+            continue
+        try:
+            parse_listen(value)
+        except ValueError:
+            problems.append(f"{dotted}: {value!r} is not host:port, e.g. \"127.0.0.1:8080\"")
+    for proxy in s.gateway.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            problems.append(f"gateway.trusted_proxies: {proxy!r} is not an IP address or CIDR network")
+    positive: list[tuple[str, float]] = [
+        ("gateway.workers", s.gateway.workers), ("database_pool_size", s.database_pool_size),
+        ("argon2.concurrency", s.argon2.concurrency), ("argon2.time_cost", s.argon2.time_cost),
+        ("argon2.parallelism", s.argon2.parallelism), ("cache.memory_ttl", s.cache.memory_ttl),
+        ("cache.redis_ttl", s.cache.redis_ttl), ("cache.max_entries", s.cache.max_entries),
+        ("throttle.max_failures", s.throttle.max_failures), ("throttle.window_seconds", s.throttle.window_seconds),
+        ("policy.default_expiry_days", s.policy.default_expiry_days),
+        ("policy.max_expiry_days", s.policy.max_expiry_days), ("oauth.access_token_ttl", s.oauth.access_token_ttl),
+        ("gateway.limits.max_header_bytes", s.gateway.limits.max_header_bytes),
+        ("gateway.limits.max_headers", s.gateway.limits.max_headers),
+        ("gateway.limits.head_timeout", s.gateway.limits.head_timeout),
+    ]
+    problems.extend(f"{name}: must be greater than 0" for name, value in positive if value <= 0)
+    if s.argon2.memory_kib < 8 * s.argon2.parallelism:
+        problems.append("argon2.memory_kib: must be at least 8 x parallelism (OWASP minimum is 19456)")
+    if s.policy.default_expiry_days > s.policy.max_expiry_days > 0:
+        problems.append("policy.default_expiry_days: larger than policy.max_expiry_days; lower it or raise the maximum")
+    if s.gateway.access_log not in ("stdout", "off") and not s.gateway.access_log.startswith("/") \
+            and not s.gateway.access_log.startswith("."):
+        problems.append("gateway.access_log: \"stdout\", \"off\" or a file path (starting with / or .)")
+    for dotted, path in (("oauth.token_path", s.oauth.token_path), ("oauth.revoke_path", s.oauth.revoke_path),
+                         ("oauth.introspect_path", s.oauth.introspect_path)):
+        if not path.startswith("/"):
+            problems.append(f"{dotted}: must start with '/'")
+    for index, item in enumerate(s.oauth.previous_signing_keys):
+        kid, sep, material = item.partition(":")
+        if not sep or not kid or len(material) < 32:
+            problems.append(f"oauth.previous_signing_keys[{index}]: \"KEY_ID:SECRET\" with a 32+ character secret expected")
+
+
+def exit_on_error(exc: SettingsError) -> typing.NoReturn:
+    """Print every configuration problem to stderr and exit 2 (the CLI's contract for bad config)."""
+    print(exc.report(), file=sys.stderr)
+    raise SystemExit(2)
+
+
+__all__ = [
+    "AdminSettings", "Argon2Settings", "CacheSettings", "GatewaySettings", "IdentityHeaders", "Limits",
+    "OAuthSettings", "PolicySettings", "Secret", "SecretURL", "Settings", "SettingsError", "ThrottleSettings",
+    "exit_on_error", "load_settings", "parse_listen", "redact_url",
+]
