@@ -52,7 +52,7 @@ def make_hash_secret(settings: Settings) -> lifecycle.HashSecret:
 async def open_pool(settings: Settings) -> store.Pool:
     try:
         return await store.create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         raise CliError(f"cannot reach the database at {settings.database_url}: {exc.__class__.__name__}: {exc}; "
                        "is Postgres running (make run starts one) and database_url right?") from None
 
@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "gateway":
         from gateway.server import run_gateway
 
-        raise SystemExit(run_gateway(settings, listen=args.listen, workers=args.workers))
+        raise SystemExit(run_gateway(settings, listen=args.listen, workers=args.workers, config_path=args.config))
     if args.command == "admin":
         from admin.server import run_admin
 

@@ -122,8 +122,10 @@ class AuthRecord:
 
 async def fetch_auth_record(conn: Connection, public_id: str) -> AuthRecord | None:
     row = await conn.fetchrow(AUTH_LOOKUP, public_id)
-    if row is None:
-        return None
+    return None if row is None else record_from_row(row)
+
+
+def record_from_row(row: Any) -> AuthRecord:
     return AuthRecord(
         id=row["id"], public_id=row["public_id"], kind=row["kind"], secret_hash=row["secret_hash"],
         previous_secret_hash=row["previous_secret_hash"], previous_expires_at=row["previous_expires_at"],
@@ -299,3 +301,71 @@ def rows_to_dicts(rows: Iterable[Any]) -> list[dict[str, Any]]:
 
 def first_column(rows: Sequence[Any]) -> list[Any]:
     return [r[0] for r in rows]
+
+
+# --- admin service (migration 002): sessions, login throttle, rotate idempotency, gauges ------------------
+
+INSERT_ADMIN_SESSION = """
+INSERT INTO admin_sessions (id_hash, principal_id, expires_at, source)
+VALUES ($1, $2, now() + make_interval(secs => $3), $4) RETURNING expires_at"""
+# A session only authenticates while its principal is an enabled, undeleted interactive user.
+ADMIN_SESSION_PRINCIPAL = """
+SELECT s.expires_at, p.id, p.name, p.kind, p.is_admin
+FROM admin_sessions s JOIN principals p ON p.id = s.principal_id
+WHERE s.id_hash = $1 AND s.expires_at > now() AND p.kind = 'user' AND NOT p.disabled AND p.deleted_at IS NULL"""
+DELETE_ADMIN_SESSION = "DELETE FROM admin_sessions WHERE id_hash = $1 RETURNING principal_id"
+# Every session of a principal except (optionally) the one making the request.
+DELETE_PRINCIPAL_SESSIONS = """
+DELETE FROM admin_sessions WHERE principal_id = $1 AND ($2::bytea IS NULL OR id_hash <> $2)"""
+DELETE_EXPIRED_ADMIN_SESSIONS = "DELETE FROM admin_sessions WHERE expires_at <= now()"
+
+RECENT_LOGIN_FAILURES = """
+SELECT failed_at, now() AS now FROM admin_login_failures
+WHERE scope = $1 AND key = $2 AND failed_at > now() - make_interval(secs => $3)
+ORDER BY failed_at DESC LIMIT $4"""
+INSERT_LOGIN_FAILURES = "INSERT INTO admin_login_failures (scope, key) VALUES ('user', $1), ('address', $2)"
+CLEAR_USER_LOGIN_FAILURES = "DELETE FROM admin_login_failures WHERE scope = 'user' AND key = $1"
+PRUNE_LOGIN_FAILURES = "DELETE FROM admin_login_failures WHERE failed_at <= now() - make_interval(secs => $1)"
+
+# Claims a key for a rotation; an existing claim younger than $5 seconds wins (RETURNING gives no row).
+CLAIM_IDEMPOTENCY_KEY = """
+INSERT INTO admin_idempotency_keys (principal_id, key_hash, credential_public_id, fingerprint)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (principal_id, key_hash) DO UPDATE
+    SET credential_public_id = EXCLUDED.credential_public_id, fingerprint = EXCLUDED.fingerprint, created_at = now()
+    WHERE admin_idempotency_keys.created_at <= now() - make_interval(secs => $5)
+RETURNING created_at"""
+IDEMPOTENCY_KEY_CLAIM = """
+SELECT credential_public_id, fingerprint, created_at FROM admin_idempotency_keys
+WHERE principal_id = $1 AND key_hash = $2"""
+RELEASE_IDEMPOTENCY_KEY = "DELETE FROM admin_idempotency_keys WHERE principal_id = $1 AND key_hash = $2"
+PRUNE_IDEMPOTENCY_KEYS = "DELETE FROM admin_idempotency_keys WHERE created_at <= now() - make_interval(secs => $1)"
+
+LIST_GROUPS_PAGE = """
+SELECT g.id, g.name, g.description, g.created_at,
+       ARRAY(SELECT p.name FROM memberships m JOIN principals p ON p.id = m.principal_id
+             WHERE m.group_id = g.id AND p.deleted_at IS NULL ORDER BY p.name) AS members
+FROM permission_groups g WHERE g.name > $1 ORDER BY g.name LIMIT $2"""
+GROUP_WITH_MEMBERS = """
+SELECT g.id, g.name, g.description, g.created_at,
+       ARRAY(SELECT p.name FROM memberships m JOIN principals p ON p.id = m.principal_id
+             WHERE m.group_id = g.id AND p.deleted_at IS NULL ORDER BY p.name) AS members
+FROM permission_groups g WHERE g.name = $1"""
+
+# One scan for the admin's credential gauges (statuses as in credential_status; expiring = still valid).
+CREDENTIAL_GAUGES = """
+SELECT
+  count(*) FILTER (WHERE c.revoked_at IS NOT NULL) AS revoked,
+  count(*) FILTER (WHERE c.revoked_at IS NULL AND c.expires_at <= now()) AS expired,
+  count(*) FILTER (WHERE c.revoked_at IS NULL AND (c.expires_at IS NULL OR c.expires_at > now())
+                   AND (o.disabled OR o.deleted_at IS NOT NULL)) AS suspended,
+  count(*) FILTER (WHERE c.revoked_at IS NULL AND (c.expires_at IS NULL OR c.expires_at > now())
+                   AND NOT (o.disabled OR o.deleted_at IS NOT NULL)) AS valid,
+  count(*) FILTER (WHERE c.revoked_at IS NULL AND NOT (o.disabled OR o.deleted_at IS NOT NULL)
+                   AND c.expires_at > now() AND c.expires_at <= now() + interval '7 days') AS expiring_7d,
+  count(*) FILTER (WHERE c.revoked_at IS NULL AND NOT (o.disabled OR o.deleted_at IS NOT NULL)
+                   AND c.expires_at > now() AND c.expires_at <= now() + interval '30 days') AS expiring_30d
+FROM credentials c JOIN principals o ON o.id = c.owner_id"""
+
+# After a successful login with a hash made under older argon2 parameters (only if it did not change since).
+REHASH_PASSWORD = "UPDATE principals SET password_hash = $2 WHERE id = $1 AND password_hash = $3"

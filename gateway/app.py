@@ -1,0 +1,255 @@
+"""The request path, top to bottom: match route -> extract credential -> authenticate -> decide -> forward.
+
+`Gateway` is the data plane's handler (gateway/proxy.py does the HTTP framing). `handle()` returns a
+response to send or the upstream request to forward; `done()` records metrics, usage and the access log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from gateway.accesslog import AccessLog, rfc3339
+from gateway.auth import Authenticator, Verdict
+from gateway.cache import CachedCredential
+from gateway.extract import Refusal, extract
+from gateway.headers import (
+    HeaderPolicy,
+    ScannedHeaders,
+    identity_block,
+    is_websocket_upgrade,
+    new_request_id,
+    scan_request_headers,
+    upstream_request_head,
+    valid_request_id,
+)
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Exchange, Forward, Outcome, Respond
+from gateway.routes import Route, RouteTable, normalize_target, upstream_path
+from gateway.settings import Settings
+from gateway.usage import UsageRecorder
+
+REALM = b'realm="credgate"'
+JSON = (b"Content-Type", b"application/json")
+NO_STORE = (b"Cache-Control", b"no-store")
+
+OwnEndpoint = Callable[[Exchange], "Respond | Awaitable[Respond]"]
+
+
+class Note:
+    """Per-request facts kept for done(): what the access log and the metrics report."""
+
+    __slots__ = ("creator", "credential", "credential_id", "method", "outcome", "owner", "path", "query", "reason",
+                 "request_id", "route")
+
+    def __init__(self, path: bytes, request_id: bytes, query: bytes = b"") -> None:
+        self.path = path
+        self.query = query
+        self.request_id = request_id
+        self.route = "-"
+        self.outcome = "none"
+        self.method = ""
+        self.reason = ""
+        self.credential = ""
+        self.credential_id = 0
+        self.owner = ""
+        self.creator = ""
+
+
+def json_body(error: str, description: str) -> bytes:
+    return json.dumps({"error": error, "error_description": description}, separators=(",", ":")).encode()
+
+
+def challenge(error: bytes | None = None, description: bytes | None = None, scope: bytes | None = None) -> bytes:
+    value = b"Bearer " + REALM
+    if error:
+        value += b', error="' + error + b'"'
+    if description:
+        value += b', error_description="' + description + b'"'
+    if scope:
+        value += b', scope="' + scope + b'"'
+    return value
+
+
+BASIC_CHALLENGE = (b"WWW-Authenticate", b"Basic " + REALM + b', charset="UTF-8"')
+
+
+class Gateway:
+    def __init__(self, settings: Settings, policy: HeaderPolicy, auth: Authenticator, metrics: GatewayMetrics,
+                 usage: UsageRecorder, access_log: AccessLog) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.routes = RouteTable(settings.routes)
+        self.auth = auth
+        self.metrics = metrics
+        self.usage = usage
+        self.log = access_log
+        self.warn_seconds = settings.gateway.expiry_warning_days * 86400
+        self.upstream_hosts = {r.prefix: f"{r.upstream.host}:{r.upstream.port}".encode() for r in settings.routes}
+        names = settings.gateway.identity_headers
+        self.identity_names = (names.user_id, names.user, names.groups, names.credential_id, names.credential_name,
+                               names.method)
+        self.own: dict[bytes, OwnEndpoint] = {}
+        # Tests tell workers apart by this header; off unless CREDGATE_DEBUG_WORKER_HEADER is set.
+        self.worker_id = str(os.getpid()).encode() if os.environ.get("CREDGATE_DEBUG_WORKER_HEADER") else b""
+
+    # --- the request path ---------------------------------------------------------------------------
+
+    def handle(self, ex: Exchange) -> Respond | Forward | Awaitable[Respond | Forward]:
+        parsed = normalize_target(ex.target)
+        if parsed is None:
+            ex.note = Note(b"-", new_request_id())
+            return self.refuse(ex, "bad_request", 400, "invalid_request", "malformed or ambiguous request path")
+        path, query = parsed
+        scanned = scan_request_headers(self.policy, ex.headers)
+        rid = scanned.request_id
+        note = ex.note = Note(path, rid if rid is not None and valid_request_id(rid) else new_request_id(), query)
+        own = self.own.get(path)
+        if own is not None:
+            note.route = "_credgate"
+            return own(ex)
+        route = self.routes.match(path)
+        if route is None:
+            return self.refuse(ex, "none", 404, "not_found", "no route for this path")
+        note.route = route.name
+        if scanned.upgrade is not None and not is_websocket_upgrade(scanned, ex.method):
+            # h2c and other protocol switches are never tunnelled (request smuggling via h2c)
+            return self.refuse(ex, "bad_request", 400, "invalid_request", "protocol upgrade not supported")
+        if not route.auth_required:
+            return self.forward(ex, route, scanned, note, b"")
+        found = extract(scanned.authorization, scanned.access_key, scanned.secret_key)
+        if isinstance(found, Refusal):
+            return self.refuse_credential(ex, found)
+        presented, method = found
+        note.method = method
+        verdict = self.auth.check(presented, ex.client_ip)
+        if isinstance(verdict, Verdict):
+            return self.decide(ex, route, scanned, note, verdict, method)
+        return self._decide_later(ex, route, scanned, note, verdict, method)
+
+    async def _decide_later(self, ex: Exchange, route: Route, scanned: ScannedHeaders, note: Note,
+                            pending: Awaitable[Verdict], method: str) -> Respond | Forward:
+        return self.decide(ex, route, scanned, note, await pending, method)
+
+    def decide(self, ex: Exchange, route: Route, scanned: ScannedHeaders, note: Note, verdict: Verdict,
+               method: str) -> Respond | Forward:
+        entry = verdict.entry
+        if entry is not None:
+            note.credential, note.credential_id = entry.public_id, entry.credential_id
+            note.owner, note.creator = entry.owner_name, entry.creator
+        outcome = verdict.outcome
+        if outcome == "ok":
+            assert entry is not None
+            if route.groups and route.groups.isdisjoint(entry.groups):
+                return self.refuse(ex, "forbidden", 403, "insufficient_scope",
+                                   "the caller is not in a group this route requires",
+                                   challenge(b"insufficient_scope", None, " ".join(sorted(route.groups)).encode()))
+            return self.forward(ex, route, scanned, note, self.identity(entry, method), entry)
+        if outcome == "invalid":
+            return self.invalid(ex, method, "the credential is invalid")
+        if outcome == "expired":
+            return self.invalid(ex, method, "the credential has expired", outcome)
+        if outcome == "suspended":
+            return self.invalid(ex, method, "the credential's owner is suspended", outcome)
+        if outcome == "throttled":
+            return self.refuse(ex, outcome, 429, "too_many_requests", "too many failed attempts; retry later",
+                               retry_after=verdict.retry_after)
+        return self.refuse(ex, "unavailable", 503, "temporarily_unavailable",
+                           "credential store unavailable; retry later", retry_after=verdict.retry_after)
+
+    def forward(self, ex: Exchange, route: Route, scanned: ScannedHeaders, note: Note, identity: bytes,
+                entry: CachedCredential | None = None) -> Forward:
+        note.outcome = "ok" if identity else "none"
+        websocket = scanned.upgrade is not None
+        host = None if route.preserve_host and scanned.host else self.upstream_hosts[route.prefix]
+        head = upstream_request_head(
+            self.policy, scanned, method=ex.method, path=upstream_path(route, note.path, note.query), client_ip=ex.client_ip,
+            proto=b"http", identity_block=identity, request_id=note.request_id, host_override=host,
+            websocket=websocket)
+        extra = b"X-Request-Id: " + note.request_id + b"\r\n"
+        if self.worker_id:
+            extra += b"X-Credgate-Worker: " + self.worker_id + b"\r\n"
+        if entry is not None and entry.expires_at is not None and entry.expires_at - time.time() < self.warn_seconds:
+            extra += b"Credgate-Credential-Expires: " + rfc3339(entry.expires_at).encode() + b"\r\n"
+        return Forward(route.upstream.host, route.upstream.port, head, response_headers=extra,
+                       connect_timeout=route.connect_timeout, read_timeout=route.read_timeout, websocket=websocket)
+
+    def identity(self, entry: CachedCredential, method: str) -> bytes:
+        """The identity header lines for this credential and auth method, built once per cache entry."""
+        key = method.encode()
+        block = entry.header_blocks.get(key)
+        if block is None:
+            values = (str(entry.owner_id), entry.owner_name, entry.groups, entry.public_id, entry.name or None, method)
+            block = identity_block(self.policy, dict(zip(self.identity_names, values, strict=True)))
+            entry.header_blocks[key] = block
+        return block
+
+    # --- refusals -----------------------------------------------------------------------------------
+
+    def refuse_credential(self, ex: Exchange, refusal: Refusal) -> Respond:
+        if refusal.reason == "conflict":
+            return self.refuse(ex, "bad_request", 400, "invalid_request", refusal.description,
+                               challenge(b"invalid_request"))
+        if refusal.reason == "missing":
+            return self.refuse(ex, "missing", 401, "unauthorized", "a credential is required", challenge())
+        ex.note.method = refusal.method or ""  # type: ignore[attr-defined]
+        return self.invalid(ex, refusal.method or "", "the credential is invalid")
+
+    def invalid(self, ex: Exchange, method: str, description: str, outcome: str = "invalid") -> Respond:
+        respond = self.refuse(ex, outcome, 401, "invalid_token", description,
+                              challenge(b"invalid_token", description.encode()))
+        if method == "basic":
+            respond.headers.append(BASIC_CHALLENGE)
+        return respond
+
+    def refuse(self, ex: Exchange, outcome: str, status: int, error: str, description: str,
+               www_authenticate: bytes | None = None, retry_after: int = 0) -> Respond:
+        note: Note = ex.note  # type: ignore[assignment]
+        note.outcome = outcome
+        note.reason = error
+        headers = [JSON, NO_STORE, (b"X-Request-Id", note.request_id)]
+        if www_authenticate is not None:
+            headers.append((b"WWW-Authenticate", www_authenticate))
+        if retry_after:
+            headers.append((b"Retry-After", str(retry_after).encode()))
+        if self.worker_id:
+            headers.append((b"X-Credgate-Worker", self.worker_id))
+        return Respond(status, headers, json_body(error, description))
+
+    def error_response(self, status: int, error: str, description: str) -> Respond:
+        """Errors the data plane produces itself (400/408/413/414/431/502/504)."""
+        return Respond(status, [JSON, NO_STORE], json_body(error, description))
+
+    # --- after the response -------------------------------------------------------------------------
+
+    def done(self, ex: Exchange, outcome: Outcome) -> None:
+        note: Note | None = ex.note  # type: ignore[assignment]
+        if note is None:
+            note = Note(b"-", b"-")
+        now = time.perf_counter()
+        total = now - ex.started
+        method = ex.method.decode("latin-1")
+        self.metrics.count_request(note.route, method, outcome.status, note.outcome)
+        self.metrics.observe_latency(note.route, total, outcome.upstream_seconds)
+        if outcome.error in ("connect", "timeout", "reset", "bad_response"):
+            self.metrics.upstream_errors.labels(outcome.error).inc()
+        if note.credential_id and note.outcome == "ok":
+            self.usage.record(note.credential_id)
+        if self.log.enabled:
+            self.log.write({
+                "time": rfc3339(time.time()), "request_id": note.request_id.decode("latin-1"),
+                "client": ex.client_ip, "method": method, "route": note.route,
+                "path": note.path.decode("latin-1"), "status": outcome.status, "bytes": outcome.bytes_sent,
+                "duration_ms": round(total * 1000, 3),
+                "upstream_ms": None if outcome.upstream_seconds is None else round(outcome.upstream_seconds * 1000, 3),
+                "auth_method": note.method or None, "auth_outcome": note.outcome, "credential": note.credential or None,
+                "owner": note.owner or None, "creator": note.creator or None,
+                "reason": note.reason or outcome.error or None,
+            })
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

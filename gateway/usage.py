@@ -1,0 +1,71 @@
+"""Per-credential usage: request counts by day and last-used times, accumulated in memory, written in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, date, datetime
+
+from gateway import store
+
+logger = logging.getLogger(__name__)
+
+
+class UsageRecorder:
+    """`record()` is a dict increment on the hot path; `flush()` writes everything in one transaction."""
+
+    def __init__(self, pool: store.Pool, interval: float) -> None:
+        self.pool = pool
+        self.interval = interval
+        self.counts: dict[int, int] = {}
+        self.day = datetime.now(UTC).date()
+        self.pending: dict[tuple[int, date], int] = {}
+        self.last_used: dict[int, datetime] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def record(self, credential_id: int) -> None:
+        self.counts[credential_id] = self.counts.get(credential_id, 0) + 1
+
+    def _harvest(self) -> None:
+        """Move the hot counters into the pending batch, stamped with today's date and the time now."""
+        if not self.counts:
+            return
+        now = datetime.now(UTC)
+        counts, self.counts = self.counts, {}
+        for cid, n in counts.items():
+            key = (cid, now.date())
+            self.pending[key] = self.pending.get(key, 0) + n
+            self.last_used[cid] = now
+
+    async def flush(self) -> None:
+        self._harvest()
+        if not self.pending and not self.last_used:
+            return
+        pending, last_used = self.pending, self.last_used
+        self.pending, self.last_used = {}, {}
+        try:
+            async with self.pool.acquire(timeout=5) as conn:
+                await store.write_usage(conn, pending, last_used)
+        except (TimeoutError, OSError, store.asyncpg.PostgresError, store.asyncpg.InterfaceError) as exc:
+            logger.warning("usage flush failed (%s); keeping %d counters for the next try",
+                           exc.__class__.__name__, len(pending))
+            for key, n in pending.items():
+                self.pending[key] = self.pending.get(key, 0) + n
+            for cid, at in last_used.items():
+                self.last_used[cid] = max(at, self.last_used.get(cid, at))
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.flush()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()

@@ -1,0 +1,159 @@
+"""Test helpers: real upstream servers and real gateway processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Upstream:
+    """A real aiohttp upstream that echoes what it received and records every request."""
+
+    port: int
+    runner: web.AppRunner
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def start_upstream() -> Upstream:
+    seen: list[dict[str, Any]] = []
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        if request.path == "/ws" and request.headers.get("Upgrade", "").lower() == "websocket":
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            await ws.send_json({"headers": dict(request.headers)})
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await ws.send_str(msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data)
+            return ws
+        body = await request.read()
+        record = {"method": request.method, "path": request.raw_path, "headers": list(request.raw_headers),
+                  "body_bytes": len(body)}
+        seen.append(record)
+        headers = {k: v for k, v in request.headers.items()}
+        return web.json_response({"method": request.method, "path": request.raw_path, "headers": headers,
+                                  "body_bytes": len(body)})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return Upstream(port, runner, seen)
+
+
+@dataclass
+class GatewayProcess:
+    """A `credgate gateway` supervisor with its workers, started as a real subprocess."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def write_config(path: Path, routes: Sequence[Mapping[str, Any]], extra: str = "") -> Path:
+    lines = [extra]
+    for route in routes:
+        lines.append("[[routes]]")
+        for key, value in route.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            elif isinstance(value, list):
+                lines.append(f"{key} = [" + ", ".join(f'"{v}"' for v in value) + "]")
+            else:
+                lines.append(f"{key} = {value}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_gateway(env: Mapping[str, str], config: Path, tmp: Path, *, workers: int = 1,
+                  extra_env: Mapping[str, str] | None = None, timeout: float = 30) -> GatewayProcess:
+    port, metrics_port = free_port(), free_port()
+    log_path = tmp / f"gateway-{port}.log"
+    run_env = dict(env)
+    run_env.update({"CREDGATE_GATEWAY_METRICS_LISTEN": f"127.0.0.1:{metrics_port}", "PYTHONUNBUFFERED": "1"})
+    run_env.update(extra_env or {})
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "admin", "gateway", "--config", str(config), "--listen", f"127.0.0.1:{port}",
+             "--workers", str(workers)], env=run_env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+    gw = GatewayProcess(process, port, metrics_port, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n{gw.log()}")
+        if "listening on" in gw.log():
+            return gw
+        time.sleep(0.05)
+    gw.stop()
+    raise RuntimeError(f"gateway did not start in {timeout}s:\n{gw.log()}")
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(env: Mapping[str, str], config: Path, tmp: Path, **kwargs: Any) -> AsyncIterator[GatewayProcess]:
+    gw = await asyncio.to_thread(start_gateway, env, config, tmp, **kwargs)
+    try:
+        yield gw
+    finally:
+        await asyncio.to_thread(gw.stop)
+
+
+async def cli(env: Mapping[str, str], *args: str) -> str:
+    """Run the credgate CLI (with --json) and return its stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "admin", *args, "--json", env=dict(env),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"credgate {' '.join(args)} failed: {err.decode()}")
+    return out.decode()
