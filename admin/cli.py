@@ -251,8 +251,9 @@ def _one_line(item: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="TOML config file (default: $CREDGATE_CONFIG)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
+    # SUPPRESS: an option given before the subcommand is not reset by the subcommand's own default
+    common.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file (default: $CREDGATE_CONFIG)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
 
     parser = argparse.ArgumentParser(prog="credgate", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -320,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.config = getattr(args, "config", None)
+    args.json = getattr(args, "json", False)
     if args.command == "up":
         from admin.up import run_up
 

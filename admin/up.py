@@ -173,7 +173,8 @@ async def _run(settings: Settings, config: str | None) -> int:
         loop.add_signal_handler(sig, stop.set)
     gw_host, gw_port = parse_listen(settings.gateway.listen)
     adm_host, adm_port = parse_listen(settings.admin.listen)
-    await asyncio.sleep(1.0)
+    for host, port in ((gw_host, gw_port), (adm_host, adm_port)) if len(children) > 1 else ((gw_host, gw_port),):
+        await _wait_listening(host, port, children)
     cfg = f" --config {config}" if config else ""
     _say(f"""
 credgate is up.
@@ -190,6 +191,8 @@ Press Ctrl-C to stop everything.
     waiters = [asyncio.ensure_future(stop.wait())] + [asyncio.ensure_future(c.wait()) for c in children]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     failed = [c for c in children if c.returncode not in (None, 0)]
+    if failed:
+        print("credgate up: a service exited unexpectedly (see its messages above); stopping", file=sys.stderr)
     for child in children:
         if child.returncode is None:
             child.send_signal(signal.SIGTERM)
@@ -203,6 +206,20 @@ Press Ctrl-C to stop everything.
         waiter.cancel()
     await upstream.stop()
     return 1 if failed else 0
+
+
+async def _wait_listening(host: str, port: int, children: list[Any], timeout: float = 30.0) -> None:
+    """Wait until a service accepts connections (or one of the children has died)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline and all(c.returncode is None for c in children):
+        try:
+            _reader, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
 
 
 def _demo_upstream_port(settings: Settings) -> int:
