@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from gateway import store
 from gateway.store import AuthRecord
@@ -84,7 +85,8 @@ class CachedCredential:
         found = False
         for known, fp in self.digests:
             if hmac.compare_digest(known, digest) and (
-                    fp == self.current_fp or (fp == self.previous_fp and now < self.previous_until)):
+                fp == self.current_fp or (fp == self.previous_fp and now < self.previous_until)
+            ):
                 found = True
         return found
 
@@ -96,31 +98,68 @@ class CachedCredential:
 
     @classmethod
     def from_record(cls, rec: AuthRecord, fetched: float) -> CachedCredential:
-        prev_until = rec.previous_expires_at.timestamp() if rec.previous_expires_at and rec.previous_secret_hash else 0.0
+        prev_until = (
+            rec.previous_expires_at.timestamp() if rec.previous_expires_at and rec.previous_secret_hash else 0.0
+        )
         return cls(
-            public_id=rec.public_id, credential_id=rec.id, kind=rec.kind, name=rec.name, owner_id=rec.owner_id,
-            owner_name=rec.owner_name, owner_disabled=rec.owner_disabled, revoked=rec.revoked_at is not None,
-            expires_at=rec.expires_at.timestamp() if rec.expires_at else None, creator=rec.creator,
-            groups=frozenset(rec.groups), current_fp=fingerprint(rec.secret_hash),
-            previous_fp=fingerprint(rec.previous_secret_hash) if prev_until else "", previous_until=prev_until,
-            fetched=fetched, secret_hash=rec.secret_hash, previous_hash=rec.previous_secret_hash or "",
+            public_id=rec.public_id,
+            credential_id=rec.id,
+            kind=rec.kind,
+            name=rec.name,
+            owner_id=rec.owner_id,
+            owner_name=rec.owner_name,
+            owner_disabled=rec.owner_disabled,
+            revoked=rec.revoked_at is not None,
+            expires_at=rec.expires_at.timestamp() if rec.expires_at else None,
+            creator=rec.creator,
+            groups=frozenset(rec.groups),
+            current_fp=fingerprint(rec.secret_hash),
+            previous_fp=fingerprint(rec.previous_secret_hash) if prev_until else "",
+            previous_until=prev_until,
+            fetched=fetched,
+            secret_hash=rec.secret_hash,
+            previous_hash=rec.previous_secret_hash or "",
         )
 
     def to_redis(self) -> str:
-        return json.dumps({
-            "cid": self.credential_id, "k": self.kind, "n": self.name, "oid": self.owner_id, "o": self.owner_name,
-            "od": self.owner_disabled, "rv": self.revoked, "x": self.expires_at, "c": self.creator,
-            "g": sorted(self.groups), "fp": self.current_fp, "pfp": self.previous_fp, "pu": self.previous_until,
-        }, separators=(",", ":"))
+        return json.dumps(
+            {
+                "cid": self.credential_id,
+                "k": self.kind,
+                "n": self.name,
+                "oid": self.owner_id,
+                "o": self.owner_name,
+                "od": self.owner_disabled,
+                "rv": self.revoked,
+                "x": self.expires_at,
+                "c": self.creator,
+                "g": sorted(self.groups),
+                "fp": self.current_fp,
+                "pfp": self.previous_fp,
+                "pu": self.previous_until,
+            },
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_redis(cls, public_id: str, raw: bytes, fetched: float) -> CachedCredential:
         d = json.loads(raw)
         return cls(
-            public_id=public_id, credential_id=int(d["cid"]), kind=d["k"], name=d["n"], owner_id=int(d["oid"]),
-            owner_name=d["o"], owner_disabled=bool(d["od"]), revoked=bool(d["rv"]), expires_at=d["x"],
-            creator=d["c"], groups=frozenset(d["g"]), current_fp=d["fp"], previous_fp=d["pfp"],
-            previous_until=float(d["pu"]), fetched=fetched,
+            public_id=public_id,
+            credential_id=int(d["cid"]),
+            kind=d["k"],
+            name=d["n"],
+            owner_id=int(d["oid"]),
+            owner_name=d["o"],
+            owner_disabled=bool(d["od"]),
+            revoked=bool(d["rv"]),
+            expires_at=d["x"],
+            creator=d["c"],
+            groups=frozenset(d["g"]),
+            current_fp=d["fp"],
+            previous_fp=d["pfp"],
+            previous_until=float(d["pu"]),
+            fetched=fetched,
         )
 
 
@@ -195,8 +234,11 @@ class RedisTier:
     """The shared tier. Every call degrades to 'no answer' when Redis is unreachable; `up` tells which."""
 
     def __init__(self, url: str, ttl: float, negative_ttl: float) -> None:
-        self.client: aioredis.Redis | None = aioredis.from_url(
-            url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=0) if url else None
+        self.client: aioredis.Redis | None = (
+            aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=0)
+            if url
+            else None
+        )
         self.ttl_ms = int(ttl * 1000)
         self.negative_ms = max(1, int(negative_ttl * 1000))
         self.up = self.client is not None
@@ -244,7 +286,7 @@ class RedisTier:
             return
         assert self.client is not None
         key = credential_key(entry.public_id)
-        mapping: dict[str, str] = {"r": entry.to_redis()}
+        mapping: dict[FieldT, EncodableT] = {"r": entry.to_redis()}
         if digest is not None:
             mapping["d:" + digest.hex()] = fp
         try:
@@ -370,7 +412,9 @@ class InvalidationListener:
         while True:
             conn = None
             try:
-                conn = await asyncpg.connect(self.dsn, timeout=5, server_settings={"application_name": "credgate-listen"})
+                conn = await asyncpg.connect(
+                    self.dsn, timeout=5, server_settings={"application_name": "credgate-listen"}
+                )
                 self._lost.clear()
                 conn.add_termination_listener(lambda _c: self._lost.set())
                 await conn.add_listener(store.NOTIFY_CHANNEL, self._notified)

@@ -213,7 +213,7 @@ def load_settings(path: str | Path | None = None, env: typing.Mapping[str, str] 
         except tomllib.TOMLDecodeError as exc:
             problems.append(f"config file {path}: not valid TOML ({exc}); fix the syntax at that line")
     raw_routes = raw.pop("routes", [])
-    settings = _build(Settings, raw, "", env, problems)
+    settings: Settings = _build(Settings, raw, "", env, problems)
     routes = _build_routes(raw_routes, problems)
     settings = dataclasses.replace(settings, routes=tuple(routes))
     if not settings.secret_key and settings.secret_key_file:
@@ -221,8 +221,10 @@ def load_settings(path: str | Path | None = None, env: typing.Mapping[str, str] 
             key = Path(settings.secret_key_file).read_text(encoding="utf-8").strip()
             settings = dataclasses.replace(settings, secret_key=Secret(key))
         except OSError as exc:
-            problems.append(f"secret_key_file: {settings.secret_key_file} cannot be read ({exc.strerror}); "
-                            "create it or set CREDGATE_SECRET_KEY")
+            problems.append(
+                f"secret_key_file: {settings.secret_key_file} cannot be read ({exc.strerror}); "
+                "create it or set CREDGATE_SECRET_KEY"
+            )
     _validate(settings, problems)
     if problems:
         raise SettingsError(problems)
@@ -245,7 +247,7 @@ def _build(cls: type[Any], raw: Any, prefix: str, env: typing.Mapping[str, str],
     for name, fld in fields.items():
         kind = hints[name]
         dotted = f"{prefix}{name}"
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             values[name] = _build(kind, raw.get(name, {}), dotted + ".", env, problems)
             continue
         env_name = ENV_PREFIX + dotted.replace(".", "_").upper()
@@ -313,8 +315,15 @@ def _type_name(kind: Any) -> str:
 
 
 _ROUTE_KEYS = {
-    "prefix", "upstream", "auth", "groups", "strip_prefix", "preserve_host",
-    "connect_timeout", "read_timeout", "name",
+    "prefix",
+    "upstream",
+    "auth",
+    "groups",
+    "strip_prefix",
+    "preserve_host",
+    "connect_timeout",
+    "read_timeout",
+    "name",
 }
 
 
@@ -338,7 +347,9 @@ def _build_routes(raw_routes: Any, problems: list[str]) -> list[Route]:
             problems.append(f"{where}.prefix: a path starting with '/' is required, e.g. prefix = \"/api\"")
             prefix = "/"
         elif any(c in prefix for c in ";%\\#?") or "//" in prefix or "/./" in prefix + "/" or "/../" in prefix + "/":
-            problems.append(f"{where}.prefix: {prefix!r} must be a plain normalised path (no ; % \\ # ? // or dot segments)")
+            problems.append(
+                f"{where}.prefix: {prefix!r} must be a plain normalised path (no ; % \\ # ? // or dot segments)"
+            )
         normal = prefix.rstrip("/") or "/"
         if normal in seen:
             problems.append(f"{where}.prefix: {normal!r} is defined twice; keep one route per prefix")
@@ -346,7 +357,7 @@ def _build_routes(raw_routes: Any, problems: list[str]) -> list[Route]:
         upstream_text = raw.get("upstream")
         upstream = None
         if not isinstance(upstream_text, str):
-            problems.append(f"{where}.upstream: a URL is required, e.g. upstream = \"http://127.0.0.1:9000\"")
+            problems.append(f'{where}.upstream: a URL is required, e.g. upstream = "http://127.0.0.1:9000"')
         else:
             try:
                 upstream = parse_upstream(upstream_text)
@@ -354,10 +365,10 @@ def _build_routes(raw_routes: Any, problems: list[str]) -> list[Route]:
                 problems.append(f"{where}.upstream: {exc}")
         auth = raw.get("auth", "required")
         if auth not in ("required", "none"):
-            problems.append(f"{where}.auth: must be \"required\" or \"none\", got {auth!r}")
+            problems.append(f'{where}.auth: must be "required" or "none", got {auth!r}')
         groups = raw.get("groups", [])
         if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
-            problems.append(f"{where}.groups: a list of group names expected, e.g. groups = [\"finance\"]")
+            problems.append(f'{where}.groups: a list of group names expected, e.g. groups = ["finance"]')
             groups = []
         flags = {}
         for key in ("strip_prefix", "preserve_host"):
@@ -377,11 +388,19 @@ def _build_routes(raw_routes: Any, problems: list[str]) -> list[Route]:
             name = normal
         if len(problems) > before or upstream is None:
             continue
-        routes.append(Route(
-            prefix=normal, upstream=upstream, auth_required=auth == "required", groups=frozenset(groups),
-            strip_prefix=bool(flags["strip_prefix"]), preserve_host=bool(flags["preserve_host"]),
-            connect_timeout=timeouts["connect_timeout"], read_timeout=timeouts["read_timeout"], name=name,
-        ))
+        routes.append(
+            Route(
+                prefix=normal,
+                upstream=upstream,
+                auth_required=auth == "required",
+                groups=frozenset(groups),
+                strip_prefix=bool(flags["strip_prefix"]),
+                preserve_host=bool(flags["preserve_host"]),
+                connect_timeout=timeouts["connect_timeout"],
+                read_timeout=timeouts["read_timeout"],
+                name=name,
+            )
+        )
     return routes
 
 
@@ -396,8 +415,10 @@ def parse_listen(value: str) -> tuple[str, int]:
 def _validate(s: Settings, problems: list[str]) -> None:
     key = s.secret_key.reveal()
     if not key:
-        problems.append("secret_key: required; set CREDGATE_SECRET_KEY to 32+ random characters "
-                        "(python -c 'import secrets; print(secrets.token_urlsafe(48))')")
+        problems.append(
+            "secret_key: required; set CREDGATE_SECRET_KEY to 32+ random characters "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+        )
     elif len(key) < 32:
         problems.append("secret_key: too short; use at least 32 random characters")
     db = s.database_url.reveal()
@@ -407,29 +428,41 @@ def _validate(s: Settings, problems: list[str]) -> None:
         problems.append(f"database_url: {redact_url(db)!r} is not a postgresql:// URL")
     redis_url = s.redis_url.reveal()
     if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-        problems.append(f"redis_url: {redact_url(redis_url)!r} is not a redis://, rediss:// or unix:// URL "
-                        "(leave it empty to run without Redis)")
-    for dotted, value in (("gateway.listen", s.gateway.listen), ("gateway.metrics_listen", s.gateway.metrics_listen),
-                          ("admin.listen", s.admin.listen), ("admin.metrics_listen", s.admin.metrics_listen)):
+        problems.append(
+            f"redis_url: {redact_url(redis_url)!r} is not a redis://, rediss:// or unix:// URL "
+            "(leave it empty to run without Redis)"
+        )
+    for dotted, value in (
+        ("gateway.listen", s.gateway.listen),
+        ("gateway.metrics_listen", s.gateway.metrics_listen),
+        ("admin.listen", s.admin.listen),
+        ("admin.metrics_listen", s.admin.metrics_listen),
+    ):
         if value == "" and dotted.endswith("metrics_listen"):
             continue
         try:
             parse_listen(value)
         except ValueError:
-            problems.append(f"{dotted}: {value!r} is not host:port, e.g. \"127.0.0.1:8080\"")
+            problems.append(f'{dotted}: {value!r} is not host:port, e.g. "127.0.0.1:8080"')
     for proxy in s.gateway.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
             problems.append(f"gateway.trusted_proxies: {proxy!r} is not an IP address or CIDR network")
     positive: list[tuple[str, float]] = [
-        ("gateway.workers", s.gateway.workers), ("database_pool_size", s.database_pool_size),
-        ("argon2.concurrency", s.argon2.concurrency), ("argon2.time_cost", s.argon2.time_cost),
-        ("argon2.parallelism", s.argon2.parallelism), ("cache.memory_ttl", s.cache.memory_ttl),
-        ("cache.redis_ttl", s.cache.redis_ttl), ("cache.max_entries", s.cache.max_entries),
-        ("throttle.max_failures", s.throttle.max_failures), ("throttle.window_seconds", s.throttle.window_seconds),
+        ("gateway.workers", s.gateway.workers),
+        ("database_pool_size", s.database_pool_size),
+        ("argon2.concurrency", s.argon2.concurrency),
+        ("argon2.time_cost", s.argon2.time_cost),
+        ("argon2.parallelism", s.argon2.parallelism),
+        ("cache.memory_ttl", s.cache.memory_ttl),
+        ("cache.redis_ttl", s.cache.redis_ttl),
+        ("cache.max_entries", s.cache.max_entries),
+        ("throttle.max_failures", s.throttle.max_failures),
+        ("throttle.window_seconds", s.throttle.window_seconds),
         ("policy.default_expiry_days", s.policy.default_expiry_days),
-        ("policy.max_expiry_days", s.policy.max_expiry_days), ("oauth.access_token_ttl", s.oauth.access_token_ttl),
+        ("policy.max_expiry_days", s.policy.max_expiry_days),
+        ("oauth.access_token_ttl", s.oauth.access_token_ttl),
         ("gateway.limits.max_header_bytes", s.gateway.limits.max_header_bytes),
         ("gateway.limits.max_headers", s.gateway.limits.max_headers),
         ("gateway.limits.head_timeout", s.gateway.limits.head_timeout),
@@ -439,17 +472,25 @@ def _validate(s: Settings, problems: list[str]) -> None:
         problems.append("argon2.memory_kib: must be at least 8 x parallelism (OWASP minimum is 19456)")
     if s.policy.default_expiry_days > s.policy.max_expiry_days > 0:
         problems.append("policy.default_expiry_days: larger than policy.max_expiry_days; lower it or raise the maximum")
-    if s.gateway.access_log not in ("stdout", "off") and not s.gateway.access_log.startswith("/") \
-            and not s.gateway.access_log.startswith("."):
-        problems.append("gateway.access_log: \"stdout\", \"off\" or a file path (starting with / or .)")
-    for dotted, path in (("oauth.token_path", s.oauth.token_path), ("oauth.revoke_path", s.oauth.revoke_path),
-                         ("oauth.introspect_path", s.oauth.introspect_path)):
+    if (
+        s.gateway.access_log not in ("stdout", "off")
+        and not s.gateway.access_log.startswith("/")
+        and not s.gateway.access_log.startswith(".")
+    ):
+        problems.append('gateway.access_log: "stdout", "off" or a file path (starting with / or .)')
+    for dotted, path in (
+        ("oauth.token_path", s.oauth.token_path),
+        ("oauth.revoke_path", s.oauth.revoke_path),
+        ("oauth.introspect_path", s.oauth.introspect_path),
+    ):
         if not path.startswith("/"):
             problems.append(f"{dotted}: must start with '/'")
     for index, item in enumerate(s.oauth.previous_signing_keys):
         kid, sep, material = item.partition(":")
         if not sep or not kid or len(material) < 32:
-            problems.append(f"oauth.previous_signing_keys[{index}]: \"KEY_ID:SECRET\" with a 32+ character secret expected")
+            problems.append(
+                f'oauth.previous_signing_keys[{index}]: "KEY_ID:SECRET" with a 32+ character secret expected'
+            )
 
 
 def exit_on_error(exc: SettingsError) -> typing.NoReturn:
@@ -459,7 +500,21 @@ def exit_on_error(exc: SettingsError) -> typing.NoReturn:
 
 
 __all__ = [
-    "AdminSettings", "Argon2Settings", "CacheSettings", "GatewaySettings", "IdentityHeaders", "Limits",
-    "OAuthSettings", "PolicySettings", "Secret", "SecretURL", "Settings", "SettingsError", "ThrottleSettings",
-    "exit_on_error", "load_settings", "parse_listen", "redact_url",
+    "AdminSettings",
+    "Argon2Settings",
+    "CacheSettings",
+    "GatewaySettings",
+    "IdentityHeaders",
+    "Limits",
+    "OAuthSettings",
+    "PolicySettings",
+    "Secret",
+    "SecretURL",
+    "Settings",
+    "SettingsError",
+    "ThrottleSettings",
+    "exit_on_error",
+    "load_settings",
+    "parse_listen",
+    "redact_url",
 ]

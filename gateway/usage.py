@@ -7,6 +7,8 @@ import contextlib
 import logging
 from datetime import UTC, date, datetime
 
+import asyncpg
+
 from gateway import store
 
 logger = logging.getLogger(__name__)
@@ -47,9 +49,10 @@ class UsageRecorder:
         try:
             async with self.pool.acquire(timeout=5) as conn:
                 await store.write_usage(conn, pending, last_used)
-        except (TimeoutError, OSError, store.asyncpg.PostgresError, store.asyncpg.InterfaceError) as exc:
-            logger.warning("usage flush failed (%s); keeping %d counters for the next try",
-                           exc.__class__.__name__, len(pending))
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            logger.warning(
+                "usage flush failed (%s); keeping %d counters for the next try", exc.__class__.__name__, len(pending)
+            )
             for key, n in pending.items():
                 self.pending[key] = self.pending.get(key, 0) + n
             for cid, at in last_used.items():

@@ -1,0 +1,1 @@
+"""credgate test suite."""
