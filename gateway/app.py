@@ -42,8 +42,19 @@ OwnEndpoint = Callable[[Exchange], "Respond | Awaitable[Respond]"]
 class Note:
     """Per-request facts kept for done(): what the access log and the metrics report."""
 
-    __slots__ = ("creator", "credential", "credential_id", "method", "outcome", "owner", "path", "query", "reason",
-                 "request_id", "route")
+    __slots__ = (
+        "creator",
+        "credential",
+        "credential_id",
+        "method",
+        "outcome",
+        "owner",
+        "path",
+        "query",
+        "reason",
+        "request_id",
+        "route",
+    )
 
     def __init__(self, path: bytes, request_id: bytes, query: bytes = b"") -> None:
         self.path = path
@@ -78,8 +89,15 @@ BASIC_CHALLENGE = (b"WWW-Authenticate", b"Basic " + REALM + b', charset="UTF-8"'
 
 
 class Gateway:
-    def __init__(self, settings: Settings, policy: HeaderPolicy, auth: Authenticator, metrics: GatewayMetrics,
-                 usage: UsageRecorder, access_log: AccessLog) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        policy: HeaderPolicy,
+        auth: Authenticator,
+        metrics: GatewayMetrics,
+        usage: UsageRecorder,
+        access_log: AccessLog,
+    ) -> None:
         self.settings = settings
         self.policy = policy
         self.routes = RouteTable(settings.routes)
@@ -90,8 +108,14 @@ class Gateway:
         self.warn_seconds = settings.gateway.expiry_warning_days * 86400
         self.upstream_hosts = {r.prefix: f"{r.upstream.host}:{r.upstream.port}".encode() for r in settings.routes}
         names = settings.gateway.identity_headers
-        self.identity_names = (names.user_id, names.user, names.groups, names.credential_id, names.credential_name,
-                               names.method)
+        self.identity_names = (
+            names.user_id,
+            names.user,
+            names.groups,
+            names.credential_id,
+            names.credential_name,
+            names.method,
+        )
         self.own: dict[bytes, OwnEndpoint] = {}
         # Tests tell workers apart by this header; off unless CREDGATE_DEBUG_WORKER_HEADER is set.
         self.worker_id = str(os.getpid()).encode() if os.environ.get("CREDGATE_DEBUG_WORKER_HEADER") else b""
@@ -130,12 +154,14 @@ class Gateway:
             return self.decide(ex, route, scanned, note, verdict, method)
         return self._decide_later(ex, route, scanned, note, verdict, method)
 
-    async def _decide_later(self, ex: Exchange, route: Route, scanned: ScannedHeaders, note: Note,
-                            pending: Awaitable[Verdict], method: str) -> Respond | Forward:
+    async def _decide_later(
+        self, ex: Exchange, route: Route, scanned: ScannedHeaders, note: Note, pending: Awaitable[Verdict], method: str
+    ) -> Respond | Forward:
         return self.decide(ex, route, scanned, note, await pending, method)
 
-    def decide(self, ex: Exchange, route: Route, scanned: ScannedHeaders, note: Note, verdict: Verdict,
-               method: str) -> Respond | Forward:
+    def decide(
+        self, ex: Exchange, route: Route, scanned: ScannedHeaders, note: Note, verdict: Verdict, method: str
+    ) -> Respond | Forward:
         entry = verdict.entry
         if entry is not None:
             note.credential, note.credential_id = entry.public_id, entry.credential_id
@@ -144,9 +170,14 @@ class Gateway:
         if outcome == "ok":
             assert entry is not None
             if route.groups and route.groups.isdisjoint(entry.groups):
-                return self.refuse(ex, "forbidden", 403, "insufficient_scope",
-                                   "the caller is not in a group this route requires",
-                                   challenge(b"insufficient_scope", None, " ".join(sorted(route.groups)).encode()))
+                return self.refuse(
+                    ex,
+                    "forbidden",
+                    403,
+                    "insufficient_scope",
+                    "the caller is not in a group this route requires",
+                    challenge(b"insufficient_scope", None, " ".join(sorted(route.groups)).encode()),
+                )
             return self.forward(ex, route, scanned, note, self.identity(entry, method), entry)
         if outcome == "invalid":
             return self.invalid(ex, method, "the credential is invalid")
@@ -155,27 +186,61 @@ class Gateway:
         if outcome == "suspended":
             return self.invalid(ex, method, "the credential's owner is suspended", outcome)
         if outcome == "throttled":
-            return self.refuse(ex, outcome, 429, "too_many_requests", "too many failed attempts; retry later",
-                               retry_after=verdict.retry_after)
-        return self.refuse(ex, "unavailable", 503, "temporarily_unavailable",
-                           "credential store unavailable; retry later", retry_after=verdict.retry_after)
+            return self.refuse(
+                ex,
+                outcome,
+                429,
+                "too_many_requests",
+                "too many failed attempts; retry later",
+                retry_after=verdict.retry_after,
+            )
+        return self.refuse(
+            ex,
+            "unavailable",
+            503,
+            "temporarily_unavailable",
+            "credential store unavailable; retry later",
+            retry_after=verdict.retry_after,
+        )
 
-    def forward(self, ex: Exchange, route: Route, scanned: ScannedHeaders, note: Note, identity: bytes,
-                entry: CachedCredential | None = None) -> Forward:
+    def forward(
+        self,
+        ex: Exchange,
+        route: Route,
+        scanned: ScannedHeaders,
+        note: Note,
+        identity: bytes,
+        entry: CachedCredential | None = None,
+    ) -> Forward:
         note.outcome = "ok" if identity else "none"
         websocket = scanned.upgrade is not None
         host = None if route.preserve_host and scanned.host else self.upstream_hosts[route.prefix]
         head = upstream_request_head(
-            self.policy, scanned, method=ex.method, path=upstream_path(route, note.path, note.query), client_ip=ex.client_ip,
-            proto=b"http", identity_block=identity, request_id=note.request_id, host_override=host,
-            websocket=websocket)
+            self.policy,
+            scanned,
+            method=ex.method,
+            path=upstream_path(route, note.path, note.query),
+            client_ip=ex.client_ip,
+            proto=b"http",
+            identity_block=identity,
+            request_id=note.request_id,
+            host_override=host,
+            websocket=websocket,
+        )
         extra = b"X-Request-Id: " + note.request_id + b"\r\n"
         if self.worker_id:
             extra += b"X-Credgate-Worker: " + self.worker_id + b"\r\n"
         if entry is not None and entry.expires_at is not None and entry.expires_at - time.time() < self.warn_seconds:
             extra += b"Credgate-Credential-Expires: " + rfc3339(entry.expires_at).encode() + b"\r\n"
-        return Forward(route.upstream.host, route.upstream.port, head, response_headers=extra,
-                       connect_timeout=route.connect_timeout, read_timeout=route.read_timeout, websocket=websocket)
+        return Forward(
+            route.upstream.host,
+            route.upstream.port,
+            head,
+            response_headers=extra,
+            connect_timeout=route.connect_timeout,
+            read_timeout=route.read_timeout,
+            websocket=websocket,
+        )
 
     def identity(self, entry: CachedCredential, method: str) -> bytes:
         """The identity header lines for this credential and auth method, built once per cache entry."""
@@ -191,22 +256,32 @@ class Gateway:
 
     def refuse_credential(self, ex: Exchange, refusal: Refusal) -> Respond:
         if refusal.reason == "conflict":
-            return self.refuse(ex, "bad_request", 400, "invalid_request", refusal.description,
-                               challenge(b"invalid_request"))
+            return self.refuse(
+                ex, "bad_request", 400, "invalid_request", refusal.description, challenge(b"invalid_request")
+            )
         if refusal.reason == "missing":
             return self.refuse(ex, "missing", 401, "unauthorized", "a credential is required", challenge())
         ex.note.method = refusal.method or ""  # type: ignore[attr-defined]
         return self.invalid(ex, refusal.method or "", "the credential is invalid")
 
     def invalid(self, ex: Exchange, method: str, description: str, outcome: str = "invalid") -> Respond:
-        respond = self.refuse(ex, outcome, 401, "invalid_token", description,
-                              challenge(b"invalid_token", description.encode()))
+        respond = self.refuse(
+            ex, outcome, 401, "invalid_token", description, challenge(b"invalid_token", description.encode())
+        )
         if method == "basic":
             respond.headers.append(BASIC_CHALLENGE)
         return respond
 
-    def refuse(self, ex: Exchange, outcome: str, status: int, error: str, description: str,
-               www_authenticate: bytes | None = None, retry_after: int = 0) -> Respond:
+    def refuse(
+        self,
+        ex: Exchange,
+        outcome: str,
+        status: int,
+        error: str,
+        description: str,
+        www_authenticate: bytes | None = None,
+        retry_after: int = 0,
+    ) -> Respond:
         note: Note = ex.note  # type: ignore[assignment]
         note.outcome = outcome
         note.reason = error
@@ -239,16 +314,28 @@ class Gateway:
         if note.credential_id and note.outcome == "ok":
             self.usage.record(note.credential_id)
         if self.log.enabled:
-            self.log.write({
-                "time": rfc3339(time.time()), "request_id": note.request_id.decode("latin-1"),
-                "client": ex.client_ip, "method": method, "route": note.route,
-                "path": note.path.decode("latin-1"), "status": outcome.status, "bytes": outcome.bytes_sent,
-                "duration_ms": round(total * 1000, 3),
-                "upstream_ms": None if outcome.upstream_seconds is None else round(outcome.upstream_seconds * 1000, 3),
-                "auth_method": note.method or None, "auth_outcome": note.outcome, "credential": note.credential or None,
-                "owner": note.owner or None, "creator": note.creator or None,
-                "reason": note.reason or outcome.error or None,
-            })
+            self.log.write(
+                {
+                    "time": rfc3339(time.time()),
+                    "request_id": note.request_id.decode("latin-1"),
+                    "client": ex.client_ip,
+                    "method": method,
+                    "route": note.route,
+                    "path": note.path.decode("latin-1"),
+                    "status": outcome.status,
+                    "bytes": outcome.bytes_sent,
+                    "duration_ms": round(total * 1000, 3),
+                    "upstream_ms": None
+                    if outcome.upstream_seconds is None
+                    else round(outcome.upstream_seconds * 1000, 3),
+                    "auth_method": note.method or None,
+                    "auth_outcome": note.outcome,
+                    "credential": note.credential or None,
+                    "owner": note.owner or None,
+                    "creator": note.creator or None,
+                    "reason": note.reason or outcome.error or None,
+                }
+            )
 
 
 def now_utc() -> datetime:

@@ -59,9 +59,16 @@ class CacheObserver:
 
 
 class Authenticator:
-    def __init__(self, settings: Settings, pool: store.Pool, memory: MemoryCache, redis_tier: RedisTier,
-                 argon2: hashing.Argon2Pool, throttle: FailureThrottle,
-                 observe: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: store.Pool,
+        memory: MemoryCache,
+        redis_tier: RedisTier,
+        argon2: hashing.Argon2Pool,
+        throttle: FailureThrottle,
+        observe: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.key = settings.secret_key_bytes
         self.pool = pool
         self.memory = memory
@@ -69,6 +76,8 @@ class Authenticator:
         self.argon2 = argon2
         self.throttle = throttle
         self.memory_ttl = settings.cache.memory_ttl
+        # Set by the runtime: False while the invalidation channel (and so, usually, the store) is down.
+        self.store_reachable: Callable[[], bool] = lambda: True
         self.stale_ttl = settings.cache.stale_ttl
         self.negative_ttl = settings.cache.negative_ttl
         self.observe = observe or (lambda tier, result: None)
@@ -116,7 +125,10 @@ class Authenticator:
             return INVALID
         if fields is not None:
             cached = entry_from_redis(public_id, fields, time.monotonic())
-            if cached is not None and cached.matches(digest, time.time()):
+            # While the store is unreachable, a shared entry counts only within stale_ttl of its last store read.
+            if cached is not None and cached.matches(digest, time.time()) and (
+                self.store_reachable() or time.time() - cached.stored_at < self.stale_ttl
+            ):
                 self.observe("redis", "hit")
                 self._remember(cached, stale_entry, generation)
                 return status_of(cached, time.time())
@@ -126,17 +138,21 @@ class Authenticator:
             return Verdict("throttled", retry_after=int(self.throttle.window))
         return await self._from_store(presented, digest, client_ip, stale_entry, generation)
 
-    async def _from_store(self, presented: Presented, digest: bytes, client_ip: str,
-                          stale_entry: CachedCredential | None, generation: int) -> Verdict:
+    async def _from_store(
+        self, presented: Presented, digest: bytes, client_ip: str, stale_entry: CachedCredential | None, generation: int
+    ) -> Verdict:
         public_id = presented.public_id
         try:
-            async with self.pool.acquire(timeout=2.0) as conn:
+            async with self.pool.acquire(timeout=2.0 if self.store_reachable() else 0.5) as conn:
                 record = await conn.fetchrow(store.AUTH_LOOKUP, public_id)
                 record = store.record_from_row(record) if record is not None else None
         except STORE_ERRORS as exc:
             logger.warning("store unreachable for a credential lookup: %s", exc.__class__.__name__)
-            if stale_entry is not None and stale_entry.matches(digest, time.time()) and \
-                    time.monotonic() - stale_entry.fetched < self.stale_ttl + self.memory_ttl:
+            if (
+                stale_entry is not None
+                and stale_entry.matches(digest, time.time())
+                and time.time() - stale_entry.stored_at < self.stale_ttl
+            ):
                 self.observe("memory", "hit")
                 return status_of(stale_entry, time.time())
             return UNAVAILABLE
@@ -151,7 +167,7 @@ class Authenticator:
         entry = CachedCredential.from_record(record, time.monotonic())
         if record.kind != presented.kind:
             return INVALID
-        for old in (stale_entry.digests if stale_entry is not None else ()):
+        for old in stale_entry.digests if stale_entry is not None else ():
             if old[1] in (entry.current_fp, entry.previous_fp):
                 entry.add_digest(*old)
         if entry.matches(digest, time.time()):
@@ -160,8 +176,9 @@ class Authenticator:
             return status_of(entry, time.time())
         return await self._verify(presented, digest, client_ip, entry, generation)
 
-    async def _verify(self, presented: Presented, digest: bytes, client_ip: str, entry: CachedCredential,
-                      generation: int) -> Verdict:
+    async def _verify(
+        self, presented: Presented, digest: bytes, client_ip: str, entry: CachedCredential, generation: int
+    ) -> Verdict:
         """argon2id against the current (and, within grace, previous) hash; throttled and coalesced."""
         public_id = presented.public_id
         if not await self.redis.claim_verification(public_id, digest, 3000):

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -70,7 +71,8 @@ class CachedCredential:
     current_fp: str
     previous_fp: str
     previous_until: float  # epoch seconds; the previous secret works until then
-    fetched: float  # time.monotonic() when confirmed against Redis or the store
+    fetched: float  # time.monotonic() when confirmed against Redis or the store; -inf once marked stale
+    stored_at: float  # epoch seconds of the last read from the store (travels through Redis)
     digests: list[tuple[bytes, str]] = field(default_factory=list)  # (digest, fingerprint of hash verified)
     # Hashes kept in process memory only (never in Redis), so a new secret needs no extra query.
     secret_hash: str = ""
@@ -117,6 +119,7 @@ class CachedCredential:
             previous_fp=fingerprint(rec.previous_secret_hash) if prev_until else "",
             previous_until=prev_until,
             fetched=fetched,
+            stored_at=time.time(),
             secret_hash=rec.secret_hash,
             previous_hash=rec.previous_secret_hash or "",
         )
@@ -137,6 +140,7 @@ class CachedCredential:
                 "fp": self.current_fp,
                 "pfp": self.previous_fp,
                 "pu": self.previous_until,
+                "sa": self.stored_at,
             },
             separators=(",", ":"),
         )
@@ -160,6 +164,7 @@ class CachedCredential:
             previous_fp=d["pfp"],
             previous_until=float(d["pu"]),
             fetched=fetched,
+            stored_at=float(d["sa"]),
         )
 
 
@@ -224,7 +229,7 @@ class MemoryCache:
         self.generation += 1
         for entry in self.entries.values():
             if isinstance(entry, CachedCredential):
-                entry.fetched = -1e18 if entry.fetched < 0 else entry.fetched - 1e12
+                entry.fetched = -math.inf
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -409,6 +414,7 @@ class InvalidationListener:
 
     async def _run(self) -> None:
         delay = 0.1
+        first = True
         while True:
             conn = None
             try:
@@ -418,8 +424,9 @@ class InvalidationListener:
                 self._lost.clear()
                 conn.add_termination_listener(lambda _c: self._lost.set())
                 await conn.add_listener(store.NOTIFY_CHANNEL, self._notified)
-                # anything may have changed while we were not listening
-                self.memory.mark_all_stale()
+                if not first:  # anything may have changed while we were not listening
+                    self.memory.mark_all_stale()
+                first = False
                 self._set_state(True)
                 delay = 0.1
                 while not self._lost.is_set():

@@ -30,8 +30,9 @@ HALF_PAIR = Refusal("conflict", "headers", "accessKey and secretKey must be sent
 REPEATED = Refusal("conflict", None, "credential header repeated")
 
 
-def extract(authorization: tuple[bytes, ...], access_key: tuple[bytes, ...],
-            secret_key: tuple[bytes, ...]) -> tuple[Presented, Method] | Refusal:
+def extract(
+    authorization: tuple[bytes, ...], access_key: tuple[bytes, ...], secret_key: tuple[bytes, ...]
+) -> tuple[Presented, Method] | Refusal:
     if len(authorization) > 1 or len(access_key) > 1 or len(secret_key) > 1:
         return REPEATED
     if authorization:

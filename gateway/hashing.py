@@ -144,9 +144,7 @@ class Argon2Pool:
 
     async def verify(self, stored_hash: str, secret: str) -> bool:
         """Whether secret matches stored_hash (see verify_hash); raises Argon2Busy when full."""
-        timed = await self._run(
-            functools.partial(_timed_verify, self.hasher, stored_hash, secret), self._observe
-        )
+        timed = await self._run(functools.partial(_timed_verify, self.hasher, stored_hash, secret), self._observe)
         return timed.matched
 
     async def hash(self, secret: str) -> str:

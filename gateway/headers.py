@@ -33,8 +33,24 @@ _TCHAR: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijk
 _REQUEST_ID_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
 
 # Where scan_request_headers collects the values of headers it interprets (index into one list).
-(_HOST, _CONNECTION, _UPGRADE, _TE, _EXPECT, _CONTENT_LENGTH, _TRANSFER_ENCODING, _REQUEST_ID,
- _XFF, _XFP, _XFH, _FORWARDED, _VIA, _AUTHORIZATION, _ACCESS_KEY, _SECRET_KEY) = range(16)
+(
+    _HOST,
+    _CONNECTION,
+    _UPGRADE,
+    _TE,
+    _EXPECT,
+    _CONTENT_LENGTH,
+    _TRANSFER_ENCODING,
+    _REQUEST_ID,
+    _XFF,
+    _XFP,
+    _XFH,
+    _FORWARDED,
+    _VIA,
+    _AUTHORIZATION,
+    _ACCESS_KEY,
+    _SECRET_KEY,
+) = range(16)
 _SLOT_COUNT: Final = 16
 _NOT_RECORDED: Final = -1
 # What happens to the header line itself once recorded.
@@ -60,31 +76,52 @@ _RECORDED: Final[dict[bytes, int]] = {
     b"forwarded": _FORWARDED,
     b"via": _VIA,
 }
-_ALWAYS_DROPPED: Final = frozenset({
-    b"keep-alive",
-    b"proxy-connection",
-    b"trailer",
-    # Meant for a proxy, never for the origin; it may carry a credential for some other proxy.
-    b"proxy-authorization",
-    b"proxy-authenticate",
-    # RFC 9110 §7.6.1 reserves "Close" as a field name so that it can be a Connection option.
-    b"close",
-    # Connection-specific setting of the h2c upgrade (RFC 7540 §3.2.1).
-    b"http2-settings",
-    # Path overrides honoured by IIS URL Rewrite and Symfony/Zend: the upstream would route on them,
-    # not on the path the gateway authorised.
-    b"x-original-url",
-    b"x-rewrite-url",
-})
+_ALWAYS_DROPPED: Final = frozenset(
+    {
+        b"keep-alive",
+        b"proxy-connection",
+        b"trailer",
+        # Meant for a proxy, never for the origin; it may carry a credential for some other proxy.
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        # RFC 9110 §7.6.1 reserves "Close" as a field name so that it can be a Connection option.
+        b"close",
+        # Connection-specific setting of the h2c upgrade (RFC 7540 §3.2.1).
+        b"http2-settings",
+        # Path overrides honoured by IIS URL Rewrite and Symfony/Zend: the upstream would route on them,
+        # not on the path the gateway authorised.
+        b"x-original-url",
+        b"x-rewrite-url",
+    }
+)
 # Client-address and scheme hints the gateway does not set: believed only from a trusted proxy.
-_TRUSTED_ONLY: Final = frozenset({
-    b"x-real-ip", b"x-client-ip", b"true-client-ip", b"x-forwarded-port", b"x-forwarded-prefix",
-    b"x-forwarded-server", b"x-forwarded-scheme", b"x-forwarded-ssl",
-})
-_RESPONSE_HOP_BY_HOP: Final = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
-    b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"close", b"http2-settings",
-})
+_TRUSTED_ONLY: Final = frozenset(
+    {
+        b"x-real-ip",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-forwarded-scheme",
+        b"x-forwarded-ssl",
+    }
+)
+_RESPONSE_HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"close",
+        b"http2-settings",
+    }
+)
 # The data plane frames the response with it, so a Connection option may not remove it.
 _RESPONSE_PROTECTED: Final = _RESPONSE_HOP_BY_HOP | {b"content-length"}
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
@@ -140,8 +177,10 @@ class HeaderPolicy:
                 raise ValueError(f"header name {name!r} is not a valid HTTP field name")
             canonical = name.translate(_CANON)
             if canonical in kinds:
-                raise ValueError(f"header name {name.decode()!r} clashes with a header the gateway "
-                                 "interprets or sets (names compare case-insensitively, '_' and '.' as '-')")
+                raise ValueError(
+                    f"header name {name.decode()!r} clashes with a header the gateway "
+                    "interprets or sets (names compare case-insensitively, '_' and '.' as '-')"
+                )
             kinds[canonical] = kind
         if not self.via or self.via.translate(None, bytes(range(0x20, 0x7F))):
             raise ValueError(f"via {self.via!r} must be printable ASCII, e.g. b'1.1 credgate'")
@@ -190,7 +229,8 @@ def make_policy(
 ) -> HeaderPolicy:
     """Build a HeaderPolicy from configuration values (str or bytes); ValueError on a bad name or network."""
     networks = tuple(
-        proxy if isinstance(proxy, ipaddress.IPv4Network | ipaddress.IPv6Network)
+        proxy
+        if isinstance(proxy, ipaddress.IPv4Network | ipaddress.IPv6Network)
         else ipaddress.ip_network(proxy, strict=False)
         for proxy in trusted_proxies
     )
@@ -366,8 +406,17 @@ def upstream_request_head(
         original_host = scanned.host
         parts += (b"X-Forwarded-For: ", address, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n")
         if original_host:
-            parts += (b"X-Forwarded-Host: ", original_host, b"\r\nForwarded: for=", node, b";proto=", proto,
-                      b";host=", _forwarded_value(original_host), b"\r\n")
+            parts += (
+                b"X-Forwarded-Host: ",
+                original_host,
+                b"\r\nForwarded: for=",
+                node,
+                b";proto=",
+                proto,
+                b";host=",
+                _forwarded_value(original_host),
+                b"\r\n",
+            )
         else:
             parts += (b"Forwarded: for=", node, b";proto=", proto, b"\r\n")
     if scanned.via:
@@ -380,15 +429,21 @@ def upstream_request_head(
     return b"".join(parts)
 
 
-def _append_extended_chain(parts: list[bytes], scanned: ScannedHeaders, address: bytes, node: bytes,
-                           proto: bytes) -> None:
+def _append_extended_chain(
+    parts: list[bytes], scanned: ScannedHeaders, address: bytes, node: bytes, proto: bytes
+) -> None:
     """Forwarding headers behind a trusted proxy: its chains are extended, its scheme and host believed."""
     original_host = scanned.host
     element = b"for=" + node + b";proto=" + proto
     if original_host:
         element += b";host=" + _forwarded_value(original_host)
-    parts += (b"X-Forwarded-For: ", b", ".join((*scanned.x_forwarded_for, address)),
-              b"\r\nX-Forwarded-Proto: ", b", ".join(scanned.x_forwarded_proto) or proto, b"\r\n")
+    parts += (
+        b"X-Forwarded-For: ",
+        b", ".join((*scanned.x_forwarded_for, address)),
+        b"\r\nX-Forwarded-Proto: ",
+        b", ".join(scanned.x_forwarded_proto) or proto,
+        b"\r\n",
+    )
     for name, value in scanned.trusted_only:
         parts += (name, b": ", value, b"\r\n")
     forwarded_host = b", ".join(scanned.x_forwarded_host) or original_host

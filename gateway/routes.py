@@ -101,7 +101,7 @@ def _origin_form(target: bytes) -> bytes | None:
     scheme_end = target.find(b"://", 0, 8)
     if scheme_end == -1 or target[:scheme_end].lower() not in (b"http", b"https"):
         return None  # asterisk-form, authority-form and other schemes are not proxied
-    rest = target[scheme_end + 3:]
+    rest = target[scheme_end + 3 :]
     end = len(rest)
     for delimiter in b"/?":
         found = rest.find(delimiter)
@@ -194,10 +194,11 @@ class Upstream:
         _check_host(self.host)
         if self.base_path:
             normal = normalize_target(self.base_path.encode("ascii", "replace"))
-            if (normal is None or normal != (self.base_path.encode("ascii"), b"")
-                    or self.base_path.endswith("/")):
-                raise ValueError(f"upstream base path {self.base_path!r} must be a normalised path "
-                                 "without a trailing slash, dot segments, '//', ';', '\\', '?' or '#'")
+            if normal is None or normal != (self.base_path.encode("ascii"), b"") or self.base_path.endswith("/"):
+                raise ValueError(
+                    f"upstream base path {self.base_path!r} must be a normalised path "
+                    "without a trailing slash, dot segments, '//', ';', '\\', '?' or '#'"
+                )
         host = f"[{self.host}]" if ":" in self.host else self.host
         object.__setattr__(self, "authority", f"{host}:{self.port}".encode("ascii"))
         object.__setattr__(self, "base_path_bytes", self.base_path.encode("ascii"))
@@ -217,8 +218,10 @@ def _check_host(host: str) -> None:
             raise ValueError(f"upstream host {host!r} is not a valid IPv6 address") from None
         return
     if not _HOST_CHARS.issuperset(host) or any(not label for label in host.removesuffix(".").split(".")):
-        raise ValueError(f"upstream host {host!r} is not a valid host name or IP address "
-                         "(use the punycode form for internationalised names)")
+        raise ValueError(
+            f"upstream host {host!r} is not a valid host name or IP address "
+            "(use the punycode form for internationalised names)"
+        )
 
 
 def parse_upstream(url: str) -> Upstream:
@@ -251,7 +254,7 @@ def _split_authority(authority: str) -> tuple[str, int]:
         end = authority.find("]")
         if end == -1:
             raise ValueError(f"upstream host {authority!r} has an unclosed '['")
-        host, after = authority[1:end], authority[end + 1:]
+        host, after = authority[1:end], authority[end + 1 :]
         if ":" not in host:
             raise ValueError(f"upstream host {host!r} in brackets is not a valid IPv6 address")
         if after and not after.startswith(":"):
@@ -300,8 +303,7 @@ def _prefix_key(prefix: str) -> bytes:
     raw = quote(prefix, safe="".join(map(chr, _VISIBLE_ASCII)).replace("%", "")).encode("ascii")
     normal = normalize_target(raw)
     if normal is None or normal[1] or b"//" in raw or normal[0].rstrip(b"/") != raw.rstrip(b"/"):
-        raise ValueError(f"route prefix {prefix!r} must be a normalised path "
-                         "(no ; % \\ # ? '//' or dot segments)")
+        raise ValueError(f"route prefix {prefix!r} must be a normalised path (no ; % \\ # ? '//' or dot segments)")
     return raw.rstrip(b"/") or b"/"
 
 
@@ -347,7 +349,7 @@ def upstream_path(route: Route, path: bytes, query: bytes) -> bytes:
     `path` must be the normalised path that `route` matched; the result always starts with "/".
     """
     if route.strip_prefix and route.match_key != b"/":
-        path = path[len(route.match_key):]
+        path = path[len(route.match_key) :]
     base = route.upstream.base_path_bytes
     if base:
         return base + path + query

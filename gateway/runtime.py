@@ -43,15 +43,20 @@ class GatewayRuntime:
         self.redis.on_state = lambda up: self.metrics.redis_up.set(1 if up else 0)
         self.metrics.redis_up.set(1 if self.redis.client is not None else 0)
         self.memory = MemoryCache(s.cache.max_entries)
-        hasher = hashing.make_hasher(hashing.Argon2Params(
-            memory_kib=s.argon2.memory_kib, time_cost=s.argon2.time_cost, parallelism=s.argon2.parallelism))
+        hasher = hashing.make_hasher(
+            hashing.Argon2Params(
+                memory_kib=s.argon2.memory_kib, time_cost=s.argon2.time_cost, parallelism=s.argon2.parallelism
+            )
+        )
         self.argon2 = hashing.Argon2Pool(hasher, concurrency=s.argon2.concurrency, queue_limit=s.argon2.queue_limit)
         self.argon2.observer = self._argon2_observed
         self.throttle = FailureThrottle(s.throttle, self.redis)
-        self.auth = Authenticator(s, self.pool, self.memory, self.redis, self.argon2, self.throttle,
-                                  observe=self.metrics.cache_lookup)
+        self.auth = Authenticator(
+            s, self.pool, self.memory, self.redis, self.argon2, self.throttle, observe=self.metrics.cache_lookup
+        )
         self.listener = InvalidationListener(s.database_url.reveal(), self.memory, self.redis, self.pool)
         self.listener.on_event = self._invalidated
+        self.auth.store_reachable = lambda: self.listener.connected
         self.listener.on_state = lambda up: self.metrics.listen_connected.set(1 if up else 0)
         self.metrics.listen_connected.set(0)
         self.usage = UsageRecorder(self.pool, s.gateway.usage_flush_seconds)
@@ -59,10 +64,20 @@ class GatewayRuntime:
         g = s.gateway
         names = g.identity_headers
         self.policy = make_policy(
-            [names.user_id, names.user, names.groups, names.credential_id, names.credential_name, names.method,
-             names.scope],
-            access_key_header=g.access_key_header, secret_key_header=g.secret_key_header,
-            keep_credentials=g.keep_credential_headers, trusted_proxies=g.trusted_proxies)
+            [
+                names.user_id,
+                names.user,
+                names.groups,
+                names.credential_id,
+                names.credential_name,
+                names.method,
+                names.scope,
+            ],
+            access_key_header=g.access_key_header,
+            secret_key_header=g.secret_key_header,
+            keep_credentials=g.keep_credential_headers,
+            trusted_proxies=g.trusted_proxies,
+        )
         self.gateway = Gateway(s, self.policy, self.auth, self.metrics, self.usage, self.access_log)
         self.gateway.own[b"/_credgate/health"] = self._health
         self.gateway.own[b"/_credgate/ready"] = self._ready
@@ -72,10 +87,15 @@ class GatewayRuntime:
         self._tasks.append(asyncio.get_running_loop().create_task(self._probe_store()))
         host, port = parse_listen(s.gateway.listen)
         limits = ProxyLimits(
-            max_header_bytes=g.limits.max_header_bytes, max_headers=g.limits.max_headers,
-            max_request_line=g.limits.max_request_line, max_body_bytes=g.limits.max_body_bytes,
-            head_timeout=g.limits.head_timeout, idle_timeout=g.limits.idle_timeout,
-            body_timeout=g.limits.body_timeout, upstream_idle=g.limits.upstream_idle)
+            max_header_bytes=g.limits.max_header_bytes,
+            max_headers=g.limits.max_headers,
+            max_request_line=g.limits.max_request_line,
+            max_body_bytes=g.limits.max_body_bytes,
+            head_timeout=g.limits.head_timeout,
+            idle_timeout=g.limits.idle_timeout,
+            body_timeout=g.limits.body_timeout,
+            upstream_idle=g.limits.upstream_idle,
+        )
         self.server = await start_server(self.gateway, host, port, limits=limits, reuse_port=True)
 
     async def stop(self) -> None:

@@ -25,11 +25,15 @@ READY_LINE = "credgate-worker-ready"
 
 
 def configure_logging() -> None:
-    logging.basicConfig(level=os.environ.get("CREDGATE_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("CREDGATE_LOG_LEVEL", "INFO"),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
 
 
 # --- supervisor -------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Child:
@@ -53,8 +57,9 @@ def _reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
     return sock.getsockname()[1], sock
 
 
-def run_gateway(settings: Settings, listen: str | None = None, workers: int | None = None,
-                config_path: str | None = None) -> int:
+def run_gateway(
+    settings: Settings, listen: str | None = None, workers: int | None = None, config_path: str | None = None
+) -> int:
     configure_logging()
     listen = listen or settings.gateway.listen
     try:
@@ -88,8 +93,9 @@ def run_gateway(settings: Settings, listen: str | None = None, workers: int | No
             return 1
         if placeholder is not None:
             placeholder.close()
-        logger.info("credgate gateway listening on http://%s:%d (%d worker%s)", shown, port, count,
-                    "s" if count > 1 else "")
+        logger.info(
+            "credgate gateway listening on http://%s:%d (%d worker%s)", shown, port, count, "s" if count > 1 else ""
+        )
         print(f"credgate gateway listening on http://{shown}:{port}", flush=True)
         restarts: list[float] = []
         while not stopping:
@@ -119,8 +125,12 @@ def _spawn(index: int, env: dict[str, str]) -> Child:
     read_fd, write_fd = os.pipe()
     child_env = dict(env, CREDGATE_READY_FD=str(write_fd))
     try:
-        process = subprocess.Popen([sys.executable, "-m", "gateway.server", "--worker", str(index)], env=child_env,
-                                   stdin=subprocess.DEVNULL, pass_fds=(write_fd,))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.server", "--worker", str(index)],
+            env=child_env,
+            stdin=subprocess.DEVNULL,
+            pass_fds=(write_fd,),
+        )
     finally:
         os.close(write_fd)
     return Child(index, process, time.monotonic(), read_fd)
@@ -175,6 +185,7 @@ def _start_metrics(listen: str, metrics_dir: str) -> Any:
 
 
 # --- worker -----------------------------------------------------------------------------------------------
+
 
 def worker_main() -> int:
     configure_logging()

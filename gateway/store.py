@@ -38,8 +38,14 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> Poo
     async def init(conn: Connection) -> None:
         await conn.set_type_codec("jsonb", encoder=_json_encode, decoder=json.loads, schema="pg_catalog")
 
-    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=init,
-                                     command_timeout=30, server_settings={"application_name": "credgate"})
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=init,
+        command_timeout=30,
+        server_settings={"application_name": "credgate"},
+    )
 
 
 # --- migrations -------------------------------------------------------------------------------------------
@@ -127,11 +133,20 @@ async def fetch_auth_record(conn: Connection, public_id: str) -> AuthRecord | No
 
 def record_from_row(row: Any) -> AuthRecord:
     return AuthRecord(
-        id=row["id"], public_id=row["public_id"], kind=row["kind"], secret_hash=row["secret_hash"],
-        previous_secret_hash=row["previous_secret_hash"], previous_expires_at=row["previous_expires_at"],
-        name=row["name"], expires_at=row["expires_at"], revoked_at=row["revoked_at"], owner_id=row["owner_id"],
-        owner_name=row["owner_name"], owner_disabled=row["owner_disabled"],
-        creator=row["creator_name"] or row["created_by"], groups=tuple(row["groups"]),
+        id=row["id"],
+        public_id=row["public_id"],
+        kind=row["kind"],
+        secret_hash=row["secret_hash"],
+        previous_secret_hash=row["previous_secret_hash"],
+        previous_expires_at=row["previous_expires_at"],
+        name=row["name"],
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+        owner_id=row["owner_id"],
+        owner_name=row["owner_name"],
+        owner_disabled=row["owner_disabled"],
+        creator=row["creator_name"] or row["created_by"],
+        groups=tuple(row["groups"]),
     )
 
 
@@ -169,7 +184,9 @@ COUNT_ADMINS = "SELECT count(*) FROM principals WHERE is_admin AND NOT disabled 
 
 # --- groups -------------------------------------------------------------------------------------------------
 
-INSERT_GROUP = "INSERT INTO permission_groups (name, description) VALUES ($1, $2) RETURNING id, name, description, created_at"
+INSERT_GROUP = (
+    "INSERT INTO permission_groups (name, description) VALUES ($1, $2) RETURNING id, name, description, created_at"
+)
 GROUP_BY_NAME = "SELECT id, name, description, created_at FROM permission_groups WHERE name = $1"
 LIST_GROUPS = """
 SELECT g.id, g.name, g.description, g.created_at,
@@ -261,11 +278,22 @@ class Actor:
     source: str = ""
 
 
-async def write_audit(conn: Connection, actor: Actor, action: str, target_type: str, target: str,
-                      changes: Mapping[str, Any] | None = None) -> None:
+async def write_audit(
+    conn: Connection, actor: Actor, action: str, target_type: str, target: str, changes: Mapping[str, Any] | None = None
+) -> None:
     """Append one audit event; call inside the transaction that makes the change."""
-    await conn.execute(INSERT_AUDIT, actor.label, actor.principal_id, actor.auth_method, action, target_type,
-                       target, _json_encode(dict(changes or {})), actor.request_id, actor.source)
+    await conn.execute(
+        INSERT_AUDIT,
+        actor.label,
+        actor.principal_id,
+        actor.auth_method,
+        action,
+        target_type,
+        target,
+        _json_encode(dict(changes or {})),
+        actor.request_id,
+        actor.source,
+    )
 
 
 # --- usage --------------------------------------------------------------------------------------------------
@@ -281,8 +309,9 @@ USAGE_FOR_CREDENTIAL = """
 SELECT day, requests FROM credential_usage WHERE credential_id = $1 AND day >= $2 ORDER BY day"""
 
 
-async def write_usage(conn: Connection, counts: Mapping[tuple[int, date], int],
-                      last_used: Mapping[int, datetime]) -> None:
+async def write_usage(
+    conn: Connection, counts: Mapping[tuple[int, date], int], last_used: Mapping[int, datetime]
+) -> None:
     """Flush batched per-day request counts and last-used times in one transaction."""
     if not counts and not last_used:
         return

@@ -93,7 +93,9 @@ class FailureThrottle:
         for key in keys:
             self._local_incr(key, -1)
 
-    async def _redis_incr(self, client: aioredis.Redis, keys: tuple[str, ...], by: int) -> list[tuple[int, float]] | None:
+    async def _redis_incr(
+        self, client: aioredis.Redis, keys: tuple[str, ...], by: int
+    ) -> list[tuple[int, float]] | None:
         try:
             async with client.pipeline(transaction=False) as pipe:
                 for key in keys:
