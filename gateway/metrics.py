@@ -1,4 +1,10 @@
-"""The gateway's Prometheus metrics, created on a registry passed in; label children bound once where hot."""
+"""The gateway's Prometheus metrics, created on a registry passed in; label children bound once where hot.
+
+Every label takes values from a small fixed set or from the configuration (route names), never from the
+request: no credential id, raw path or client-chosen method string ever becomes a label value. Workers
+write to prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set by the supervisor), so one
+scrape of the supervisor's metrics listener sees the sum over all workers.
+"""
 
 from __future__ import annotations
 
@@ -8,64 +14,125 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 ARGON2_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-OUTCOMES = ("ok", "none", "missing", "invalid", "expired", "suspended", "forbidden", "throttled", "unavailable",
-            "bad_request")
+# Any other method is counted as OTHER: a client must not be able to mint label values.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+OUTCOMES = (
+    "ok",
+    "none",  # the route needs no credential (auth = "none"), an own endpoint, or no route matched
+    "missing",
+    "invalid",
+    "expired",
+    "suspended",
+    "forbidden",
+    "throttled",
+    "unavailable",
+    "bad_request",  # malformed path, conflicting credentials, refused protocol upgrade
+)
+# "none": no response status was sent (the client went away or the connection broke first).
+STATUS_CLASSES = {0: "none", 1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+CACHE_TIERS = ("memory", "redis", "store")
+CACHE_RESULTS = ("hit", "miss", "negative")
+# The upstream-side values of proxy.Outcome.error; client-side errors (client_abort, ...) are not counted.
+UPSTREAM_ERROR_KINDS = ("connect", "connect_timeout", "timeout", "reset", "bad_response")
 
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
-            "credgate_requests", "Requests by route, method, status class and auth outcome",
-            ["route", "method", "status", "outcome"], registry=registry)
+            "credgate_requests",
+            "Requests by route, method, status class and auth outcome",
+            ["route", "method", "status", "outcome"],
+            registry=registry,
+        )
         self.request_seconds = Histogram(
-            "credgate_request_duration_seconds", "Time from request head to response end", ["route"],
-            buckets=LATENCY_BUCKETS, registry=registry)
+            "credgate_request_duration_seconds",
+            "Time from request head to response end",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.upstream_seconds = Histogram(
-            "credgate_upstream_duration_seconds", "Time from forwarding to the upstream's response end", ["route"],
-            buckets=LATENCY_BUCKETS, registry=registry)
+            "credgate_upstream_duration_seconds",
+            "Time from forwarding to the upstream's response end",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.cache_lookups = Counter(
-            "credgate_cache_lookups", "Credential cache lookups by tier and result", ["tier", "result"],
-            registry=registry)
+            "credgate_cache_lookups",
+            "Credential cache lookups by tier and result",
+            ["tier", "result"],
+            registry=registry,
+        )
         self.argon2_verifications = Counter(
-            "credgate_argon2_verifications", "argon2id verifications run", registry=registry)
+            "credgate_argon2_verifications", "argon2id verifications run", registry=registry
+        )
         self.argon2_seconds = Histogram(
-            "credgate_argon2_duration_seconds", "argon2id verification time", buckets=ARGON2_BUCKETS,
-            registry=registry)
+            "credgate_argon2_duration_seconds", "argon2id verification time", buckets=ARGON2_BUCKETS, registry=registry
+        )
         self.argon2_queue = Gauge(
-            "credgate_argon2_queue_length", "argon2id verifications running or waiting", registry=registry,
-            multiprocess_mode="livesum")
+            "credgate_argon2_queue_length",
+            "argon2id verifications running or waiting",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.argon2_rejected = Counter(
-            "credgate_argon2_rejected", "Verifications refused because the argon2 queue was full", registry=registry)
+            "credgate_argon2_rejected", "Verifications refused because the argon2 queue was full", registry=registry
+        )
         self.upstream_errors = Counter(
-            "credgate_upstream_errors", "Upstream failures by kind", ["kind"], registry=registry)
-        self.invalidations = Counter(
-            "credgate_invalidations", "Change notifications received", registry=registry)
+            "credgate_upstream_errors", "Upstream failures by kind", ["kind"], registry=registry
+        )
+        self.invalidations = Counter("credgate_invalidations", "Change notifications received", registry=registry)
         self.invalidation_lag = Histogram(
-            "credgate_invalidation_lag_seconds", "Commit time to local eviction", buckets=LAG_BUCKETS,
-            registry=registry)
-        self.redis_up = Gauge("credgate_redis_up", "Redis reachable (1) or not (0)", registry=registry,
-                              multiprocess_mode="min")
-        self.store_up = Gauge("credgate_store_up", "Postgres reachable (1) or not (0)", registry=registry,
-                              multiprocess_mode="min")
+            "credgate_invalidation_lag_seconds", "Commit time to local eviction", buckets=LAG_BUCKETS, registry=registry
+        )
+        # The 0/1 health gauges take the minimum over live workers: one worker cut off is worth an alert.
+        # "live" modes drop a dead worker's last value, so a restarted worker does not inherit it.
+        self.redis_up = Gauge(
+            "credgate_redis_up", "Redis reachable (1) or not (0)", registry=registry, multiprocess_mode="livemin"
+        )
+        self.redis_configured = Gauge(
+            "credgate_redis_configured",
+            "A Redis URL is configured (1) or the gateway runs without Redis (0)",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.store_up = Gauge(
+            "credgate_store_up", "Postgres reachable (1) or not (0)", registry=registry, multiprocess_mode="livemin"
+        )
         self.listen_connected = Gauge(
-            "credgate_listen_connected", "Invalidation channel connected (1) or not (0)", registry=registry,
-            multiprocess_mode="min")
+            "credgate_listen_connected",
+            "Invalidation channel connected (1) or not (0)",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         self.db_pool_in_use = Gauge(
-            "credgate_db_pool_in_use", "Database connections in use", registry=registry, multiprocess_mode="livesum")
+            "credgate_db_pool_in_use", "Database connections in use", registry=registry, multiprocess_mode="livesum"
+        )
         self.cache_entries = Gauge(
-            "credgate_cache_entries", "Credentials held in process memory", registry=registry,
-            multiprocess_mode="livesum")
-        self._bound_requests: dict[tuple[str, str, str, str], Counter] = {}
+            "credgate_cache_entries",
+            "Credentials held in process memory",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self._bound_requests: dict[tuple[str, str, int, str], Counter] = {}
         self._bound_route: dict[str, tuple[Histogram, Histogram]] = {}
-        self._bound_cache: dict[tuple[str, str], Counter] = {}
+        # Bound up front: every series exists (at 0) from the first scrape, so rate() and ratios work at once.
+        self._bound_cache = {
+            (tier, result): self.cache_lookups.labels(tier, result) for tier in CACHE_TIERS for result in CACHE_RESULTS
+        }
+        self._bound_upstream_errors = {kind: self.upstream_errors.labels(kind) for kind in UPSTREAM_ERROR_KINDS}
 
     def count_request(self, route: str, method: str, status: int, outcome: str) -> None:
-        key = (route, method, str(status // 100) + "xx", outcome)
+        """One finished request; `method` as the client sent it, `status` 0 when none was sent."""
+        if method not in METHODS:
+            method = "OTHER"
+        status_class = status // 100
+        key = (route, method, status_class, outcome)
         child = self._bound_requests.get(key)
         if child is None:
-            label_method = method if method in METHODS else "OTHER"
-            child = self._bound_requests[key] = self.requests.labels(route, label_method, key[2], outcome)
+            label = STATUS_CLASSES.get(status_class, "other")
+            child = self._bound_requests[key] = self.requests.labels(route, method, label, outcome)
         child.inc()
 
     def observe_latency(self, route: str, total: float, upstream: float | None) -> None:
@@ -76,8 +143,15 @@ class GatewayMetrics:
         if upstream is not None:
             pair[1].observe(upstream)
 
+    def upstream_error(self, kind: str | None) -> None:
+        """Count an upstream failure; None and client-side kinds (client_abort, ...) are ignored."""
+        if kind is not None:
+            child = self._bound_upstream_errors.get(kind)
+            if child is not None:
+                child.inc()
+
     def cache_lookup(self, tier: str, result: str) -> None:
         child = self._bound_cache.get((tier, result))
-        if child is None:
+        if child is None:  # not a known pair: still counted, bound for next time
             child = self._bound_cache[(tier, result)] = self.cache_lookups.labels(tier, result)
         child.inc()
