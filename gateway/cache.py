@@ -184,6 +184,11 @@ class MemoryCache:
         self.max_entries = max_entries
         # Bumped on every eviction; a store read that started before a bump must not be cached.
         self.generation = 0
+        # When a change notification last arrived, per credential, per owner and for everything (epoch
+        # seconds): a shared entry read from the store before that moment is stale and never used again.
+        self.credential_changed: dict[str, float] = {}
+        self.owner_changed: dict[int, float] = {}
+        self.all_changed = 0.0
 
     def get(self, public_id: str) -> CachedCredential | Negative | None:
         return self.entries.get(public_id)
@@ -217,6 +222,28 @@ class MemoryCache:
         entry = self.entries.pop(public_id, None)
         if isinstance(entry, CachedCredential):
             self._unindex(entry)
+
+    def changed(self, public_id: str | None = None, owner_id: int | None = None) -> None:
+        """Record a change notification (see `outdated`), keeping the records bounded."""
+        now = time.time()
+        if public_id is not None:
+            if len(self.credential_changed) > 100_000:
+                self.credential_changed.clear()
+                self.all_changed = now
+            self.credential_changed[public_id] = now
+        if owner_id is not None:
+            if len(self.owner_changed) > 100_000:
+                self.owner_changed.clear()
+                self.all_changed = now
+            self.owner_changed[owner_id] = now
+        if public_id is None and owner_id is None:
+            self.all_changed = now
+
+    def outdated(self, entry: CachedCredential) -> bool:
+        """Whether the entry was read from the store before a change notification that concerns it."""
+        read = entry.stored_at
+        return (read <= self.all_changed or read <= self.credential_changed.get(entry.public_id, 0.0)
+                or read <= self.owner_changed.get(entry.owner_id, 0.0))
 
     def evict_owner(self, owner_id: int) -> list[str]:
         ids = list(self.by_owner.get(owner_id, ()))
@@ -392,6 +419,8 @@ class InvalidationListener:
         self.connected = False
         self.on_event: Callable[[float], None] | None = None  # called with the lag (seconds) of each event
         self.on_state: Callable[[bool], None] | None = None
+        # "t": "j" events (an OAuth access token revoked; migration 003) go to the token denylist.
+        self.on_token_revoked: Callable[[dict[str, Any]], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
         self._pending: set[asyncio.Task[None]] = set()
@@ -457,12 +486,18 @@ class InvalidationListener:
             logger.warning("ignoring a malformed invalidation payload")
             return
         if kind == "c":
+            self.memory.changed(public_id=ident)
             self.memory.evict(ident)
             self._spawn(self.redis.delete([ident]))
         elif kind == "p":
+            self.memory.changed(owner_id=int(ident))
             evicted = self.memory.evict_owner(int(ident))
             self._spawn(self._evict_owner_everywhere(int(ident), evicted))
+        elif kind == "j":
+            if self.on_token_revoked is not None:
+                self.on_token_revoked(event)
         else:
+            self.memory.changed()
             for public_id in list(self.memory.entries):
                 self.memory.evict(public_id)
             self._spawn(self.redis.flush_all())
@@ -470,6 +505,7 @@ class InvalidationListener:
             self.on_event(max(0.0, time.time() - ts))
 
     async def _evict_owner_everywhere(self, owner_id: int, evicted: list[str]) -> None:
+        await self.redis.delete(sorted(evicted))  # the ones we know of first, without waiting for the query
         ids = set(evicted)
         try:
             rows = await self.pool.fetch("SELECT public_id FROM credentials WHERE owner_id = $1", owner_id)
