@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from gateway.accesslog import AccessLog, rfc3339
 from gateway.auth import Authenticator, Verdict
 from gateway.cache import CachedCredential
-from gateway.extract import Refusal, extract
+from gateway.extract import PresentedAccessToken, Refusal, extract
 from gateway.headers import (
     HeaderPolicy,
     ScannedHeaders,
@@ -27,16 +27,17 @@ from gateway.headers import (
     valid_request_id,
 )
 from gateway.metrics import GatewayMetrics
-from gateway.proxy import Exchange, Forward, Outcome, Respond
+from gateway.proxy import Consume, Exchange, Forward, Outcome, Respond
 from gateway.routes import Route, RouteTable, normalize_target, upstream_path
 from gateway.settings import Settings
+from gateway.tokens import AccessTokenVerifier, Grant
 from gateway.usage import UsageRecorder
 
 REALM = b'realm="credgate"'
 JSON = (b"Content-Type", b"application/json")
 NO_STORE = (b"Cache-Control", b"no-store")
 
-OwnEndpoint = Callable[[Exchange], "Respond | Awaitable[Respond]"]
+OwnEndpoint = Callable[[Exchange], "Respond | Consume | Awaitable[Respond]"]
 
 
 class Note:
@@ -116,13 +117,16 @@ class Gateway:
             names.credential_name,
             names.method,
         )
+        self.scope_header = names.scope
         self.own: dict[bytes, OwnEndpoint] = {}
+        # Set by the runtime when OAuth2 access tokens are accepted (gateway.oauth issues them).
+        self.tokens: AccessTokenVerifier | None = None
         # Tests tell workers apart by this header; off unless CREDGATE_DEBUG_WORKER_HEADER is set.
         self.worker_id = str(os.getpid()).encode() if os.environ.get("CREDGATE_DEBUG_WORKER_HEADER") else b""
 
     # --- the request path ---------------------------------------------------------------------------
 
-    def handle(self, ex: Exchange) -> Respond | Forward | Awaitable[Respond | Forward]:
+    def handle(self, ex: Exchange) -> Respond | Forward | Consume | Awaitable[Respond | Forward]:
         parsed = normalize_target(ex.target)
         if parsed is None:
             ex.note = Note(b"-", new_request_id())
@@ -144,12 +148,16 @@ class Gateway:
             return self.refuse(ex, "bad_request", 400, "invalid_request", "protocol upgrade not supported")
         if not route.auth_required:
             return self.forward(ex, route, scanned, note, b"")
-        found = extract(scanned.authorization, scanned.access_key, scanned.secret_key)
+        found = extract(scanned.authorization, scanned.access_key, scanned.secret_key, self.tokens is not None)
         if isinstance(found, Refusal):
             return self.refuse_credential(ex, found)
         presented, method = found
         note.method = method
-        verdict = self.auth.check(presented, ex.client_ip)
+        if isinstance(presented, PresentedAccessToken):
+            assert self.tokens is not None
+            verdict: Verdict | Awaitable[Verdict] = self.tokens.verify(presented.value)
+        else:
+            verdict = self.auth.check(presented, ex.client_ip)
         if isinstance(verdict, Verdict):
             return self.decide(ex, route, scanned, note, verdict, method)
         return self._decide_later(ex, route, scanned, note, verdict, method)
@@ -169,7 +177,9 @@ class Gateway:
         outcome = verdict.outcome
         if outcome == "ok":
             assert entry is not None
-            if route.groups and route.groups.isdisjoint(entry.groups):
+            # an access token grants its scope: the owner's groups narrowed to those the client asked for
+            scope = verdict.scope if isinstance(verdict, Grant) else None
+            if route.groups and route.groups.isdisjoint(entry.groups if scope is None else scope):
                 return self.refuse(
                     ex,
                     "forbidden",
@@ -178,9 +188,11 @@ class Gateway:
                     "the caller is not in a group this route requires",
                     challenge(b"insufficient_scope", None, " ".join(sorted(route.groups)).encode()),
                 )
-            return self.forward(ex, route, scanned, note, self.identity(entry, method), entry)
+            return self.forward(ex, route, scanned, note, self.identity(entry, method, scope), entry)
         if outcome == "invalid":
             return self.invalid(ex, method, "the credential is invalid")
+        if outcome == "token_expired":
+            return self.invalid(ex, method, "the access token has expired", "expired")
         if outcome == "expired":
             return self.invalid(ex, method, "the credential has expired", outcome)
         if outcome == "suspended":
@@ -242,14 +254,20 @@ class Gateway:
             websocket=websocket,
         )
 
-    def identity(self, entry: CachedCredential, method: str) -> bytes:
-        """The identity header lines for this credential and auth method, built once per cache entry."""
-        key = method.encode()
+    def identity(self, entry: CachedCredential, method: str, scope: frozenset[str] | None = None) -> bytes:
+        """The identity header lines for this credential and auth method (and access-token scope), built once
+        per cache entry and scope."""
+        scope_text = None if scope is None else " ".join(sorted(scope))
+        key = method.encode() if scope_text is None else b"oauth " + scope_text.encode()
         block = entry.header_blocks.get(key)
         if block is None:
-            values = (str(entry.owner_id), entry.owner_name, entry.groups, entry.public_id, entry.name or None, method)
-            block = identity_block(self.policy, dict(zip(self.identity_names, values, strict=True)))
-            entry.header_blocks[key] = block
+            groups = entry.groups if scope is None else scope
+            values = (str(entry.owner_id), entry.owner_name, groups, entry.public_id, entry.name or None, method)
+            headers: dict[str, str | frozenset[str] | None] = dict(zip(self.identity_names, values, strict=True))
+            headers[self.scope_header] = scope_text
+            block = identity_block(self.policy, headers)
+            if len(entry.header_blocks) < 16:  # clients choose scopes: keep the per-entry cache small
+                entry.header_blocks[key] = block
         return block
 
     # --- refusals -----------------------------------------------------------------------------------
@@ -309,32 +327,26 @@ class Gateway:
         method = ex.method.decode("latin-1")
         self.metrics.count_request(note.route, method, outcome.status, note.outcome)
         self.metrics.observe_latency(note.route, total, outcome.upstream_seconds)
-        if outcome.error in ("connect", "timeout", "reset", "bad_response"):
-            self.metrics.upstream_errors.labels(outcome.error).inc()
+        self.metrics.upstream_error(outcome.error)  # bound children; ignores client-side errors
         if note.credential_id and note.outcome == "ok":
             self.usage.record(note.credential_id)
         if self.log.enabled:
-            self.log.write(
-                {
-                    "time": rfc3339(time.time()),
-                    "request_id": note.request_id.decode("latin-1"),
-                    "client": ex.client_ip,
-                    "method": method,
-                    "route": note.route,
-                    "path": note.path.decode("latin-1"),
-                    "status": outcome.status,
-                    "bytes": outcome.bytes_sent,
-                    "duration_ms": round(total * 1000, 3),
-                    "upstream_ms": None
-                    if outcome.upstream_seconds is None
-                    else round(outcome.upstream_seconds * 1000, 3),
-                    "auth_method": note.method or None,
-                    "auth_outcome": note.outcome,
-                    "credential": note.credential or None,
-                    "owner": note.owner or None,
-                    "creator": note.creator or None,
-                    "reason": note.reason or outcome.error or None,
-                }
+            self.log.request(
+                note.request_id,
+                ex.client_ip,
+                method,
+                note.route,
+                note.path,
+                outcome.status,
+                outcome.bytes_sent,
+                total,
+                outcome.upstream_seconds,
+                note.method,
+                note.outcome,
+                note.credential,
+                note.owner,
+                note.creator,
+                note.reason or outcome.error or "",
             )
 
 

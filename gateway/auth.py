@@ -126,8 +126,11 @@ class Authenticator:
         if fields is not None:
             cached = entry_from_redis(public_id, fields, time.monotonic())
             # While the store is unreachable, a shared entry counts only within stale_ttl of its last store read.
-            if cached is not None and cached.matches(digest, time.time()) and (
-                self.store_reachable() or time.time() - cached.stored_at < self.stale_ttl
+            if (
+                cached is not None
+                and cached.matches(digest, time.time())
+                and not self.memory.outdated(cached)
+                and (self.store_reachable() or time.time() - cached.stored_at < self.stale_ttl)
             ):
                 self.observe("redis", "hit")
                 self._remember(cached, stale_entry, generation)
@@ -142,6 +145,7 @@ class Authenticator:
         self, presented: Presented, digest: bytes, client_ip: str, stale_entry: CachedCredential | None, generation: int
     ) -> Verdict:
         public_id = presented.public_id
+        read_started = time.time()  # what the snapshot is at least as new as (see MemoryCache.outdated)
         try:
             async with self.pool.acquire(timeout=2.0 if self.store_reachable() else 0.5) as conn:
                 record = await conn.fetchrow(store.AUTH_LOOKUP, public_id)
@@ -165,6 +169,7 @@ class Authenticator:
             return INVALID
         self.observe("store", "hit")
         entry = CachedCredential.from_record(record, time.monotonic())
+        entry.stored_at = read_started
         if record.kind != presented.kind:
             return INVALID
         for old in stale_entry.digests if stale_entry is not None else ():
@@ -240,3 +245,52 @@ class Authenticator:
             await self.pool.execute(store.UPDATE_SECRET_HASH, presented.public_id, new_hash, old_hash)
         except (hashing.Argon2Busy, *STORE_ERRORS):
             logger.info("rehash of credential %s postponed", presented.public_id)
+
+    # --- a credential's record without a secret (OAuth access tokens, gateway.tokens) ---------------------
+
+    async def load_entry(self, public_id: str) -> CachedCredential | Verdict:
+        """The credential's record for a caller whose proof is a signed access token, not a secret.
+
+        Redis, then the store, remembered in memory like any other read; nothing here verifies a secret or
+        adds a digest. INVALID for an unknown id; UNAVAILABLE when no tier can answer (a stale entry still
+        counts within stale_ttl of its last store read, as for secrets).
+        """
+        stale = self.memory.get(public_id)
+        stale_entry = stale if isinstance(stale, CachedCredential) else None
+        generation = self.memory.generation
+        fields, negative = await self.redis.get(public_id)
+        if negative:
+            self.observe("redis", "negative")
+            self.memory.put_negative(public_id, self.negative_ttl)
+            return INVALID
+        shared = entry_from_redis(public_id, fields, time.monotonic()) if fields is not None else None
+        if (
+            shared is not None
+            and not self.memory.outdated(shared)
+            and (self.store_reachable() or time.time() - shared.stored_at < self.stale_ttl)
+        ):
+            self.observe("redis", "hit")
+            self._remember(shared, stale_entry, generation)
+            return shared
+        self.observe("redis", "miss")
+        read_started = time.time()  # what the snapshot is at least as new as (see MemoryCache.outdated)
+        try:
+            async with self.pool.acquire(timeout=2.0 if self.store_reachable() else 0.5) as conn:
+                row = await conn.fetchrow(store.AUTH_LOOKUP, public_id)
+        except STORE_ERRORS as exc:
+            logger.warning("store unreachable for a credential lookup: %s", exc.__class__.__name__)
+            if stale_entry is not None and time.time() - stale_entry.stored_at < self.stale_ttl:
+                return stale_entry
+            return UNAVAILABLE
+        if row is None:
+            self.observe("store", "negative")
+            if self.memory.generation == generation:
+                self.memory.put_negative(public_id, self.negative_ttl)
+                await self.redis.put_negative(public_id)
+            return INVALID
+        self.observe("store", "hit")
+        entry = CachedCredential.from_record(store.record_from_row(row), time.monotonic())
+        entry.stored_at = read_started
+        self._remember(entry, stale_entry, generation)
+        await self._publish(entry, None, "", generation)
+        return entry

@@ -3,6 +3,8 @@
 Returns a Presented credential, or a reason for refusing: `missing` (no credential at all),
 `malformed` (a credential that cannot be ours: 401 without any I/O) or `conflict` (two credentials,
 a repeated credential header or half a pair: 400 invalid_request). Query strings are never looked at.
+With access_tokens=True (the gateway), a Bearer OAuth2 access token is returned as a
+PresentedAccessToken (method "oauth"); its signature is checked by gateway.tokens.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import binascii
 from base64 import b64decode
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 from gateway.credentials import Presented, parse_key_pair, parse_token
+from gateway.tokens import looks_like_access_token
 
-Method = Literal["bearer", "basic", "headers"]
+Method = Literal["bearer", "basic", "headers", "oauth"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,15 +33,46 @@ HALF_PAIR = Refusal("conflict", "headers", "accessKey and secretKey must be sent
 REPEATED = Refusal("conflict", None, "credential header repeated")
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class PresentedAccessToken:
+    """A Bearer value shaped like an OAuth2 access token (prefix, length, alphabet); not yet verified."""
+
+    value: bytes
+
+    def __repr__(self) -> str:
+        return "PresentedAccessToken(...)"
+
+
+@overload
 def extract(
-    authorization: tuple[bytes, ...], access_key: tuple[bytes, ...], secret_key: tuple[bytes, ...]
-) -> tuple[Presented, Method] | Refusal:
+    authorization: tuple[bytes, ...],
+    access_key: tuple[bytes, ...],
+    secret_key: tuple[bytes, ...],
+    access_tokens: Literal[False] = False,
+) -> tuple[Presented, Method] | Refusal: ...
+
+
+@overload
+def extract(
+    authorization: tuple[bytes, ...],
+    access_key: tuple[bytes, ...],
+    secret_key: tuple[bytes, ...],
+    access_tokens: bool,
+) -> tuple[Presented | PresentedAccessToken, Method] | Refusal: ...
+
+
+def extract(
+    authorization: tuple[bytes, ...],
+    access_key: tuple[bytes, ...],
+    secret_key: tuple[bytes, ...],
+    access_tokens: bool = False,
+) -> tuple[Presented | PresentedAccessToken, Method] | Refusal:
     if len(authorization) > 1 or len(access_key) > 1 or len(secret_key) > 1:
         return REPEATED
     if authorization:
         if access_key or secret_key:
             return TWO_CREDENTIALS
-        return _from_authorization(authorization[0])
+        return _from_authorization(authorization[0], access_tokens)
     if access_key or secret_key:
         if not (access_key and secret_key):
             return HALF_PAIR
@@ -49,11 +83,13 @@ def extract(
     return MISSING
 
 
-def _from_authorization(value: bytes) -> tuple[Presented, Method] | Refusal:
+def _from_authorization(value: bytes, access_tokens: bool) -> tuple[Presented | PresentedAccessToken, Method] | Refusal:
     scheme, _, rest = value.strip().partition(b" ")
     credentials = rest.strip(b" ")
     lowered = scheme.lower()
     if lowered == b"bearer":
+        if access_tokens and looks_like_access_token(credentials):
+            return PresentedAccessToken(credentials), "oauth"
         token = parse_token(credentials) if len(credentials) == 48 else None
         if token is None:
             return Refusal("malformed", "bearer", "")

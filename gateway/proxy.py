@@ -40,7 +40,7 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -83,7 +83,7 @@ class Exchange:
     """One request: filled by the parser callbacks, read (and annotated via `note`) by the handler."""
 
     __slots__ = (
-        "_close", "_error", "_forward", "_fwd_started", "_handled", "_pending", "_pending_bytes", "_received",
+        "_close", "_consume", "_error", "_forward", "_fwd_started", "_handled", "_pending", "_pending_bytes", "_received",
         "_response_done", "_retried", "_sent", "_status", "_task", "_upstream", "body_done", "chunked",
         "client_ip", "client_port", "content_length", "expect_continue", "has_body", "headers", "http_minor",
         "keep_alive", "method", "note", "request_id", "started", "target", "upgrade", "upgrade_value",
@@ -112,6 +112,7 @@ class Exchange:
         self._task: asyncio.Task[None] | None = None
         self._upstream: UpstreamConnection | None = None
         self._forward: Forward | None = None
+        self._consume: Consume | None = None
         self._fwd_started = 0.0
 
     def take_pending(self) -> list[bytes] | None:
@@ -150,6 +151,15 @@ class Forward:
     websocket: bool = False
 
 
+@dataclass(slots=True)
+class Consume:
+    """Answer here after reading the whole request body (at most `limit` bytes, else 413): the gateway's own
+    form endpoints (OAuth2). `callback` gets the body and returns the response."""
+
+    limit: int
+    callback: Callable[[bytes], Respond | Awaitable[Respond]]
+
+
 class Outcome:
     """How an exchange ended, reported once to `Handler.done`."""
 
@@ -170,7 +180,7 @@ class Outcome:
 class Handler(Protocol):
     """The decision maker the data plane calls (gateway.app)."""
 
-    def handle(self, ex: Exchange) -> Respond | Forward | Awaitable[Respond | Forward]: ...
+    def handle(self, ex: Exchange) -> Respond | Forward | Consume | Awaitable[Respond | Forward | Consume]: ...
 
     def done(self, ex: Exchange, outcome: Outcome) -> None:
         """Called exactly once for every exchange that reached handle()."""
@@ -510,6 +520,8 @@ class ClientConnection(asyncio.Protocol):
         ex._received = received
         if self._max_body and received > self._max_body:
             raise _Reject(413, "content_too_large", "request body too large", "body_too_large")
+        if ex._consume is not None and received > ex._consume.limit:
+            raise _Reject(413, "content_too_large", "request body too large", "body_too_large")
         if self._deadline_kind == _BODY:
             self._deadline = self._loop.time() + self._body_timeout
         up = ex._upstream
@@ -534,6 +546,8 @@ class ClientConnection(asyncio.Protocol):
             up = ex._upstream
             if up is not None:
                 up.end_body()
+            elif ex._consume is not None:
+                self._consumed(ex)
             elif self._answer_later is not None:
                 self._send_answer_later()  # the whole body came in the read that got the answer
             elif ex._response_done:
@@ -554,6 +568,8 @@ class ClientConnection(asyncio.Protocol):
             self._forward(ex, decision)  # type: ignore[arg-type]
         elif kind is Respond:
             self._respond(ex, decision)  # type: ignore[arg-type]
+        elif kind is Consume:
+            self._consume(ex, decision)  # type: ignore[arg-type]
         else:
             self._pause(_PAUSE_DECIDING)
             ex._task = self._state.spawn(self._decide_later(ex, decision))  # type: ignore[arg-type]
@@ -573,8 +589,38 @@ class ClientConnection(asyncio.Protocol):
             self._forward(ex, decision)
         elif isinstance(decision, Respond):
             self._respond(ex, decision)
+        elif isinstance(decision, Consume):
+            self._consume(ex, decision)
         else:
             self._error_reply(ex, 500, "internal_error", "internal error", "handler_error")
+
+    def _consume(self, ex: Exchange, consume: Consume) -> None:
+        """Collect the body here (held like an undecided body), then answer with the callback's response."""
+        if ex.content_length is not None and ex.content_length > consume.limit or ex._received > consume.limit:
+            self._error_reply(ex, 413, "content_too_large", "request body too large", "body_too_large")
+            return
+        ex._consume = consume
+        if ex.expect_continue and ex.http_minor and not ex.body_done and not ex._received:
+            self.transport.write(_CONTINUE)
+        if ex.body_done or not ex.has_body:
+            self._consumed(ex)
+
+    def _consumed(self, ex: Exchange) -> None:
+        consume = ex._consume
+        assert consume is not None
+        ex._consume = None
+        body = b"".join(ex.take_pending() or ())
+        try:
+            result = consume.callback(body)
+        except Exception:
+            logger.exception("own endpoint failed")
+            self._error_reply(ex, 500, "internal_error", "internal error", "handler_error")
+            return
+        if isinstance(result, Respond):
+            self._respond(ex, result)
+        else:
+            self._pause(_PAUSE_DECIDING)
+            ex._task = self._state.spawn(self._decide_later(ex, result))
 
     def _forward(self, ex: Exchange, fwd: Forward) -> None:
         ex._forward = fwd

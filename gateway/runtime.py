@@ -16,11 +16,14 @@ from gateway.accesslog import AccessLog
 from gateway.app import JSON, NO_STORE, Gateway
 from gateway.auth import STORE_ERRORS, Authenticator
 from gateway.cache import InvalidationListener, MemoryCache, RedisTier
+from gateway.denylist import TokenDenylist
 from gateway.headers import make_policy
 from gateway.metrics import GatewayMetrics
+from gateway.oauth import OAuthEndpoints
 from gateway.proxy import Exchange, ProxyLimits, ProxyServer, Respond, start_server
 from gateway.settings import Settings, parse_listen
 from gateway.throttle import FailureThrottle
+from gateway.tokens import AccessTokenVerifier, SigningKeys
 from gateway.usage import UsageRecorder
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class GatewayRuntime:
         self.redis = RedisTier(s.redis_url.reveal(), s.cache.redis_ttl, s.cache.negative_ttl)
         self.redis.on_state = lambda up: self.metrics.redis_up.set(1 if up else 0)
         self.metrics.redis_up.set(1 if self.redis.client is not None else 0)
+        self.metrics.redis_configured.set(1 if self.redis.client is not None else 0)
         self.memory = MemoryCache(s.cache.max_entries)
         hasher = hashing.make_hasher(
             hashing.Argon2Params(
@@ -57,7 +61,7 @@ class GatewayRuntime:
         self.listener = InvalidationListener(s.database_url.reveal(), self.memory, self.redis, self.pool)
         self.listener.on_event = self._invalidated
         self.auth.store_reachable = lambda: self.listener.connected
-        self.listener.on_state = lambda up: self.metrics.listen_connected.set(1 if up else 0)
+        self.listener.on_state = self._listening
         self.metrics.listen_connected.set(0)
         self.usage = UsageRecorder(self.pool, s.gateway.usage_flush_seconds)
         self.access_log = AccessLog(s.gateway.access_log)
@@ -81,6 +85,15 @@ class GatewayRuntime:
         self.gateway = Gateway(s, self.policy, self.auth, self.metrics, self.usage, self.access_log)
         self.gateway.own[b"/_credgate/health"] = self._health
         self.gateway.own[b"/_credgate/ready"] = self._ready
+        # OAuth2: the token endpoints issue access tokens, the gateway accepts them, the denylist follows NOTIFY
+        self.denylist = TokenDenylist(self.pool, s.cache.memory_ttl)
+        keys = SigningKeys.from_settings(s)
+        self.gateway.tokens = AccessTokenVerifier(keys, self.auth, self.denylist)
+        OAuthEndpoints(
+            s, self.policy, self.auth, keys, self.gateway.tokens, self.denylist, self.gateway.worker_id
+        ).register(self.gateway.own)
+        self.listener.on_token_revoked = self.denylist.on_event
+        self.denylist.start()
         self.listener.start()
         self.usage.start()
         self.access_log.start()
@@ -106,6 +119,7 @@ class GatewayRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.listener.close()
+        await self.denylist.close()
         await self.usage.close()
         await self.access_log.close()
         self.argon2.close()
@@ -122,6 +136,11 @@ class GatewayRuntime:
     def _argon2_observed(self, seconds: float) -> None:
         self.metrics.argon2_verifications.inc()
         self.metrics.argon2_seconds.observe(seconds)
+
+    def _listening(self, up: bool) -> None:
+        self.metrics.listen_connected.set(1 if up else 0)
+        if up:  # revocations made while the channel was down were not heard: reload the denylist
+            self.denylist.resync()
 
     def _invalidated(self, lag: float) -> None:
         self.metrics.invalidations.inc()

@@ -485,12 +485,22 @@ def _validate(s: Settings, problems: list[str]) -> None:
     ):
         if not path.startswith("/"):
             problems.append(f"{dotted}: must start with '/'")
-    for index, item in enumerate(s.oauth.previous_signing_keys):
+    _validate_signing_keys(s.oauth, problems)
+
+
+def _validate_signing_keys(oauth: OAuthSettings, problems: list[str]) -> None:
+    kid_ok = 1 <= len(oauth.signing_key_id.encode()) <= 64 and ":" not in oauth.signing_key_id
+    if not kid_ok:
+        problems.append("oauth.signing_key_id: 1-64 bytes without ':' expected, e.g. \"k2\"")
+    seen = {oauth.signing_key_id}
+    for index, item in enumerate(oauth.previous_signing_keys):
         kid, sep, material = item.partition(":")
-        if not sep or not kid or len(material) < 32:
-            problems.append(
-                f'oauth.previous_signing_keys[{index}]: "KEY_ID:SECRET" with a 32+ character secret expected'
-            )
+        if not sep or not kid or len(kid.encode()) > 64 or len(material) < 32:
+            problems.append(f"oauth.previous_signing_keys[{index}]: \"KEY_ID:SECRET\" with a 32+ character secret expected")
+        elif kid in seen:
+            problems.append(f"oauth.previous_signing_keys[{index}]: key id {kid!r} is used twice (or equals "
+                            "oauth.signing_key_id); give every key its own id")
+        seen.add(kid)
 
 
 def exit_on_error(exc: SettingsError) -> typing.NoReturn:
