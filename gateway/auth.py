@@ -94,6 +94,9 @@ class Authenticator:
                     self.observe("memory", "negative")
                     self.throttle.note_address_failure(client_ip)
                     return INVALID
+                if entry.revoked:  # invalid whatever the secret: no verification needed
+                    self.observe("memory", "hit")
+                    return INVALID
                 if entry.matches(digest, time.time()):
                     self.observe("memory", "hit")
                     return status_of(entry, time.time())
@@ -125,6 +128,10 @@ class Authenticator:
             return INVALID
         if fields is not None:
             cached = entry_from_redis(public_id, fields, time.monotonic())
+            if cached is not None and cached.revoked and not self.memory.outdated(cached):
+                self.observe("redis", "hit")
+                self._remember(cached, None, generation)
+                return INVALID
             # While the store is unreachable, a shared entry counts only within stale_ttl of its last store read.
             if (
                 cached is not None
@@ -171,6 +178,10 @@ class Authenticator:
         entry = CachedCredential.from_record(record, time.monotonic())
         entry.stored_at = read_started
         if record.kind != presented.kind:
+            return INVALID
+        if entry.revoked:  # the answer is 401 whatever the secret: remember that, skip argon2
+            self._remember(entry, None, generation)
+            await self._publish(entry, None, "", generation)
             return INVALID
         for old in stale_entry.digests if stale_entry is not None else ():
             if old[1] in (entry.current_fp, entry.previous_fp):
