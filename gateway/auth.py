@@ -197,16 +197,20 @@ class Authenticator:
     ) -> Verdict:
         """argon2id against the current (and, within grace, previous) hash; throttled and coalesced."""
         public_id = presented.public_id
-        if not await self.redis.claim_verification(public_id, digest, 3000):
-            # another process is verifying this very secret: wait briefly for its result in Redis
-            for _ in range(60):
+        claimed = await self.redis.claim_verification(public_id, digest, 3000)
+        # Claimed or not, look once more: another process may have finished (and released its claim)
+        # between our Redis miss and now. Unclaimed, keep looking while the other process verifies.
+        for attempt in range(1 if claimed else 60):
+            if attempt:
                 await asyncio.sleep(0.025)
-                fields, _neg = await self.redis.get(public_id)
-                shared = entry_from_redis(public_id, fields, time.monotonic()) if fields else None
-                if shared is not None and shared.matches(digest, time.time()):
-                    self.observe("redis", "hit")
-                    self._remember(shared, entry, generation)
-                    return status_of(shared, time.time())
+            fields, _neg = await self.redis.get(public_id)
+            shared = entry_from_redis(public_id, fields, time.monotonic()) if fields else None
+            if shared is not None and shared.matches(digest, time.time()) and not self.memory.outdated(shared):
+                self.observe("redis", "hit")
+                self._remember(shared, entry, generation)
+                if claimed:
+                    await self.redis.release_verification(public_id, digest)
+                return status_of(shared, time.time())
         try:
             retry_after = await self.throttle.reserve(public_id, client_ip)
             if retry_after is not None:

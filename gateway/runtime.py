@@ -98,6 +98,7 @@ class GatewayRuntime:
         self.usage.start()
         self.access_log.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._probe_store()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._flush_metrics()))
         host, port = parse_listen(s.gateway.listen)
         limits = ProxyLimits(
             max_header_bytes=g.limits.max_header_bytes,
@@ -122,6 +123,7 @@ class GatewayRuntime:
         await self.denylist.close()
         await self.usage.close()
         await self.access_log.close()
+        self.metrics.flush()
         self.argon2.close()
         await self.redis.close()
         await self.pool.close()
@@ -145,6 +147,11 @@ class GatewayRuntime:
     def _invalidated(self, lag: float) -> None:
         self.metrics.invalidations.inc()
         self.metrics.invalidation_lag.observe(lag)
+
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            self.metrics.flush()
 
     async def _probe_store(self) -> None:
         """Every 2 s: is the store reachable (readiness, store_up), pool use, argon2 queue, cache size."""

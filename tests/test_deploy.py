@@ -3,6 +3,8 @@ Grafana-shaped with valid PromQL, and every metric either one uses exists in a l
 
 from __future__ import annotations
 
+import asyncio
+
 import ast
 import json
 import re
@@ -314,8 +316,12 @@ async def test_every_metric_used_exists_in_a_live_scrape(env: dict[str, str], up
         for headers in ({"Authorization": f"Bearer {token}"}, {}):
             async with s.get(gw.url + "/api/x", headers=headers) as r:
                 await r.read()
-        async with s.get(f"http://127.0.0.1:{gw.metrics_port}/metrics") as r:
-            text = await r.text()
+        for _ in range(100):  # workers publish request metrics in batches, a few times a second
+            async with s.get(f"http://127.0.0.1:{gw.metrics_port}/metrics") as r:
+                text = await r.text()
+            if "credgate_requests_total{" in text:
+                break
+            await asyncio.sleep(0.05)
     scraped: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -180,6 +180,7 @@ def test_unusual_methods_and_status_map_to_fixed_labels() -> None:
     metrics.upstream_error("client_abort")  # client-side: not an upstream error
     metrics.upstream_error(None)
     metrics.upstream_error("timeout")
+    metrics.flush()
     counted = Counter[tuple[str, ...]]()
     for family in registry.collect():
         for s in family.samples:
