@@ -19,7 +19,7 @@ from typing import Any
 
 _encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
-# The access log line's fields, in order (docs/metrics.md describes each).
+# The access log line's fields, in order (the README's "Access log" section describes each).
 FIELDS = (
     "time",
     "request_id",
