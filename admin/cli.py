@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -39,9 +39,13 @@ def to_json(value: Any) -> str:
 
 
 def make_hash_secret(settings: Settings) -> lifecycle.HashSecret:
-    hasher = hashing.make_hasher(hashing.Argon2Params(
-        memory_kib=settings.argon2.memory_kib, time_cost=settings.argon2.time_cost,
-        parallelism=settings.argon2.parallelism))
+    hasher = hashing.make_hasher(
+        hashing.Argon2Params(
+            memory_kib=settings.argon2.memory_kib,
+            time_cost=settings.argon2.time_cost,
+            parallelism=settings.argon2.parallelism,
+        )
+    )
 
     async def hash_secret(secret: str) -> str:
         return await asyncio.to_thread(hashing.hash_secret, hasher, secret)
@@ -53,8 +57,10 @@ async def open_pool(settings: Settings) -> store.Pool:
     try:
         return await store.create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
     except (TimeoutError, OSError) as exc:
-        raise CliError(f"cannot reach the database at {settings.database_url}: {exc.__class__.__name__}: {exc}; "
-                       "is Postgres running (make run starts one) and database_url right?") from None
+        raise CliError(
+            f"cannot reach the database at {settings.database_url}: {exc.__class__.__name__}: {exc}; "
+            "is Postgres running (make run starts one) and database_url right?"
+        ) from None
 
 
 class CliError(Exception):
@@ -63,6 +69,7 @@ class CliError(Exception):
 
 # --- commands ---------------------------------------------------------------------------------------------
 
+
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> Any:
     pool = await open_pool(settings)
     try:
@@ -70,15 +77,25 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> Any:
             applied = await store.migrate(conn)
     finally:
         await pool.close()
-    return {"applied": applied, "message": f"applied {len(applied)} migration(s)" if applied else "schema is up to date"}
+    return {
+        "applied": applied,
+        "message": f"applied {len(applied)} migration(s)" if applied else "schema is up to date",
+    }
 
 
 async def cmd_users_create(args: argparse.Namespace, settings: Settings) -> Any:
     pool = await open_pool(settings)
     try:
         created = await lifecycle.create_principal(
-            pool, cli_actor(), make_hash_secret(settings), args.name, service=args.service, admin=args.admin,
-            groups=args.group or [], generate=args.admin and not args.service)
+            pool,
+            cli_actor(),
+            make_hash_secret(settings),
+            args.name,
+            service=args.service,
+            admin=args.admin,
+            groups=args.group or [],
+            generate=args.admin and not args.service,
+        )
     finally:
         await pool.close()
     out = dict(created.principal)
@@ -113,7 +130,11 @@ async def cmd_users_password(args: argparse.Namespace, settings: Settings) -> An
         password = await lifecycle.reset_password(pool, cli_actor(), make_hash_secret(settings), args.name)
     finally:
         await pool.close()
-    return {"name": args.name, "password": password, "message": f"new password for {args.name} (shown once): {password}"}
+    return {
+        "name": args.name,
+        "password": password,
+        "message": f"new password for {args.name} (shown once): {password}",
+    }
 
 
 async def cmd_groups_create(args: argparse.Namespace, settings: Settings) -> Any:
@@ -136,16 +157,19 @@ async def cmd_groups_list(args: argparse.Namespace, settings: Settings) -> Any:
 async def cmd_groups_member(args: argparse.Namespace, settings: Settings) -> Any:
     pool = await open_pool(settings)
     try:
-        changed = await lifecycle.change_membership(pool, cli_actor(), args.group, args.user,
-                                                    add=args.cmd == "add-member")
+        changed = await lifecycle.change_membership(
+            pool, cli_actor(), args.group, args.user, add=args.cmd == "add-member"
+        )
     finally:
         await pool.close()
     return {"group": args.group, "user": args.user, "changed": changed}
 
 
-def parse_expires(value: str | None) -> int | str | None:
-    if value is None or value == "never":
-        return value
+def parse_expires(value: str | None) -> int | Literal["never"] | None:
+    if value is None:
+        return None
+    if value == "never":
+        return "never"
     try:
         days = int(value)
     except ValueError:
@@ -157,8 +181,15 @@ async def cmd_credentials_create(args: argparse.Namespace, settings: Settings) -
     pool = await open_pool(settings)
     try:
         issued = await lifecycle.create_credential(
-            pool, cli_actor(), make_hash_secret(settings), settings.policy, owner=args.owner, kind=args.kind,
-            name=args.name or "", expires_in_days=parse_expires(args.expires_in))  # type: ignore[arg-type]
+            pool,
+            cli_actor(),
+            make_hash_secret(settings),
+            settings.policy,
+            owner=args.owner,
+            kind=args.kind,
+            name=args.name or "",
+            expires_in_days=parse_expires(args.expires_in),
+        )
     finally:
         await pool.close()
     return _issued(issued, "created")
@@ -169,8 +200,10 @@ def _issued(issued: lifecycle.IssuedSecret, verb: str) -> dict[str, Any]:
     if issued.token is not None:
         out["message"] = f"{verb} token {out['id']}; the token is shown once:\n{issued.token}"
     else:
-        out["message"] = (f"{verb} key pair {out['id']}; the secret is shown once:\n"
-                          f"client_id: {issued.client_id}\nsecret:    {issued.secret}")
+        out["message"] = (
+            f"{verb} key pair {out['id']}; the secret is shown once:\n"
+            f"client_id: {issued.client_id}\nsecret:    {issued.secret}"
+        )
     return out
 
 
@@ -182,8 +215,9 @@ async def cmd_credentials_list(args: argparse.Namespace, settings: Settings) -> 
             items: list[dict[str, Any]] = []
             cursor: int | None = 0
             while cursor is not None:
-                page, cursor = await lifecycle.list_credentials(conn, owner_id=owner_id, status=args.status,
-                                                                kind=args.kind, after_id=cursor, limit=500)
+                page, cursor = await lifecycle.list_credentials(
+                    conn, owner_id=owner_id, status=args.status, kind=args.kind, after_id=cursor, limit=500
+                )
                 items.extend(page)
     finally:
         await pool.close()
@@ -202,8 +236,9 @@ async def cmd_credentials_show(args: argparse.Namespace, settings: Settings) -> 
 async def cmd_credentials_rotate(args: argparse.Namespace, settings: Settings) -> Any:
     pool = await open_pool(settings)
     try:
-        issued = await lifecycle.rotate_credential(pool, cli_actor(), make_hash_secret(settings), args.id,
-                                                   grace_seconds=args.grace)
+        issued = await lifecycle.rotate_credential(
+            pool, cli_actor(), make_hash_secret(settings), args.id, grace_seconds=args.grace
+        )
     finally:
         await pool.close()
     return _issued(issued, "rotated")
@@ -218,6 +253,7 @@ async def cmd_credentials_revoke(args: argparse.Namespace, settings: Settings) -
 
 
 # --- output -----------------------------------------------------------------------------------------------
+
 
 def print_result(result: Any, as_json: bool) -> None:
     if as_json:
@@ -249,6 +285,7 @@ def _one_line(item: dict[str, Any]) -> str:
 
 # --- parser -----------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: an option given before the subcommand is not reset by the subcommand's own default
@@ -258,8 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="credgate", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", parents=[common], help="embedded Postgres+Redis (unless configured), migrate, "
-                        "gateway, admin and demo upstream")
+    up = sub.add_parser(
+        "up",
+        parents=[common],
+        help="embedded Postgres+Redis (unless configured), migrate, gateway, admin and demo upstream",
+    )
     up.add_argument("--data-dir", help="where embedded servers keep their data (default .credgate)")
     gw = sub.add_parser("gateway", parents=[common], help="run the authenticating reverse proxy")
     gw.add_argument("--listen", help="HOST:PORT (overrides gateway.listen)")

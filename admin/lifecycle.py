@@ -53,8 +53,13 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-def resolve_expiry(policy: PolicySettings, *, expires_in_days: int | Literal["never"] | None = None,
-                   expires_at: datetime | None = None, now: datetime | None = None) -> datetime | None:
+def resolve_expiry(
+    policy: PolicySettings,
+    *,
+    expires_in_days: int | Literal["never"] | None = None,
+    expires_at: datetime | None = None,
+    now: datetime | None = None,
+) -> datetime | None:
     """The expiry time a new or edited credential gets, enforcing the policy's default and maximum."""
     now = now or now_utc()
     if expires_in_days is not None and expires_at is not None:
@@ -63,12 +68,13 @@ def resolve_expiry(policy: PolicySettings, *, expires_in_days: int | Literal["ne
         if not policy.allow_never_expires:
             raise PolicyViolation(
                 f"credentials that never expire are not allowed by policy; the maximum lifetime is "
-                f"{policy.max_expiry_days} days", "expires_in_days")
+                f"{policy.max_expiry_days} days",
+                "expires_in_days",
+            )
         return None
     if expires_in_days is not None:
         if isinstance(expires_in_days, bool) or not isinstance(expires_in_days, int) or expires_in_days < 1:
-            raise LifecycleError("expires_in_days must be a whole number of days >= 1 or \"never\"",
-                                 "expires_in_days")
+            raise LifecycleError('expires_in_days must be a whole number of days >= 1 or "never"', "expires_in_days")
         expires_at = now + timedelta(days=expires_in_days)
     if expires_at is None:
         return now + timedelta(days=policy.default_expiry_days)
@@ -77,12 +83,15 @@ def resolve_expiry(policy: PolicySettings, *, expires_in_days: int | Literal["ne
     if expires_at <= now:
         raise LifecycleError("expires_at must be in the future", "expires_at")
     if expires_at > now + timedelta(days=policy.max_expiry_days, minutes=1):
-        raise PolicyViolation(f"expiry exceeds the policy maximum of {policy.max_expiry_days} days",
-                              "expires_at" if expires_in_days is None else "expires_in_days")
+        raise PolicyViolation(
+            f"expiry exceeds the policy maximum of {policy.max_expiry_days} days",
+            "expires_at" if expires_in_days is None else "expires_in_days",
+        )
     return expires_at
 
 
 # --- principals -------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class NewPrincipal:
@@ -100,7 +109,7 @@ def generate_password() -> str:
 def public_principal(row: Any, groups: Sequence[str] | None = None) -> dict[str, Any]:
     """A principal as shown to clients: never its password hash."""
     data = {k: row[k] for k in ("id", "name", "kind", "is_admin", "disabled", "created_at")}
-    data["groups"] = list(groups if groups is not None else row["groups"] if "groups" in row else [])
+    data["groups"] = list(groups if groups is not None else row.get("groups") or [])
     return data
 
 
@@ -111,9 +120,18 @@ async def get_principal(conn: Connection, name: str) -> Any:
     return row
 
 
-async def create_principal(pool: Pool, actor: Actor, hash_secret: HashSecret, name: str, *, service: bool = False,
-                           admin: bool = False, groups: Sequence[str] = (), password: str | None = None,
-                           generate: bool = False) -> NewPrincipal:
+async def create_principal(
+    pool: Pool,
+    actor: Actor,
+    hash_secret: HashSecret,
+    name: str,
+    *,
+    service: bool = False,
+    admin: bool = False,
+    groups: Sequence[str] = (),
+    password: str | None = None,
+    generate: bool = False,
+) -> NewPrincipal:
     """Create a user or service account; an interactive user may get a generated password (shown once)."""
     if service and (password or generate):
         raise LifecycleError("service accounts never log in with a password", "password")
@@ -124,21 +142,28 @@ async def create_principal(pool: Pool, actor: Actor, hash_secret: HashSecret, na
     password_hash = await hash_secret(password) if password else None
     async with pool.acquire() as conn, conn.transaction():
         try:
-            row = await conn.fetchrow(store.INSERT_PRINCIPAL, name, "service" if service else "user", admin,
-                                      password_hash)
+            row = await conn.fetchrow(
+                store.INSERT_PRINCIPAL, name, "service" if service else "user", admin, password_hash
+            )
         except asyncpg.UniqueViolationError:
             raise Conflict(f"a principal named {name!r} already exists", "name") from None
         except asyncpg.CheckViolationError:
-            raise LifecycleError("name must be 1-128 characters of letters, digits and . _ @ - "
-                                 "starting with a letter or digit", "name") from None
+            raise LifecycleError(
+                "name must be 1-128 characters of letters, digits and . _ @ - starting with a letter or digit", "name"
+            ) from None
         for group in groups:
             g = await conn.fetchrow(store.GROUP_BY_NAME, group)
             if g is None:
                 raise NotFound(f"no group named {group!r}; create it first", "groups")
             await conn.execute(store.ADD_MEMBER, row["id"], g["id"])
-        await store.write_audit(conn, actor, "principal.create", "principal", name,
-                                {"kind": row["kind"], "is_admin": admin, "groups": list(groups),
-                                 "password_set": password is not None})
+        await store.write_audit(
+            conn,
+            actor,
+            "principal.create",
+            "principal",
+            name,
+            {"kind": row["kind"], "is_admin": admin, "groups": list(groups), "password_set": password is not None},
+        )
     return NewPrincipal(public_principal(row, sorted(groups)), password)
 
 
@@ -146,8 +171,14 @@ async def set_disabled(pool: Pool, actor: Actor, name: str, disabled: bool) -> d
     async with pool.acquire() as conn, conn.transaction():
         row = await get_principal(conn, name)
         updated = await conn.fetchrow(store.SET_PRINCIPAL_DISABLED, row["id"], disabled)
-        await store.write_audit(conn, actor, "principal.disable" if disabled else "principal.enable",
-                                "principal", name, {"disabled": {"before": row["disabled"], "after": disabled}})
+        await store.write_audit(
+            conn,
+            actor,
+            "principal.disable" if disabled else "principal.enable",
+            "principal",
+            name,
+            {"disabled": {"before": row["disabled"], "after": disabled}},
+        )
         groups = [r[0] for r in await conn.fetch(store.PRINCIPAL_GROUPS, row["id"])]
     return public_principal(updated, groups)
 
@@ -158,13 +189,13 @@ async def delete_principal(pool: Pool, actor: Actor, name: str) -> list[str]:
         row = await get_principal(conn, name)
         revoked = [r[0] for r in await conn.fetch(store.REVOKE_OWNER_CREDENTIALS, row["id"])]
         await conn.execute(store.MARK_PRINCIPAL_DELETED, row["id"])
-        await store.write_audit(conn, actor, "principal.delete", "principal", name,
-                                {"revoked_credentials": revoked})
+        await store.write_audit(conn, actor, "principal.delete", "principal", name, {"revoked_credentials": revoked})
     return revoked
 
 
-async def reset_password(pool: Pool, actor: Actor, hash_secret: HashSecret, name: str,
-                         new_password: str | None = None) -> str:
+async def reset_password(
+    pool: Pool, actor: Actor, hash_secret: HashSecret, name: str, new_password: str | None = None
+) -> str:
     """Set an interactive user's password (generated when not given); returns it, shown once."""
     if new_password is not None and len(new_password) < 12:
         raise LifecycleError("password must be at least 12 characters", "password")
@@ -180,6 +211,7 @@ async def reset_password(pool: Pool, actor: Actor, hash_secret: HashSecret, name
 
 
 # --- groups -----------------------------------------------------------------------------------------------
+
 
 async def create_group(pool: Pool, actor: Actor, name: str, description: str = "") -> dict[str, Any]:
     async with pool.acquire() as conn, conn.transaction():
@@ -212,12 +244,19 @@ async def change_membership(pool: Pool, actor: Actor, group_name: str, principal
         principal = await get_principal(conn, principal_name)
         changed = await conn.fetchval(store.ADD_MEMBER if add else store.REMOVE_MEMBER, principal["id"], group["id"])
         if changed is not None:
-            await store.write_audit(conn, actor, "group.add_member" if add else "group.remove_member", "group",
-                                    group_name, {"member": principal_name})
+            await store.write_audit(
+                conn,
+                actor,
+                "group.add_member" if add else "group.remove_member",
+                "group",
+                group_name,
+                {"member": principal_name},
+            )
     return changed is not None
 
 
 # --- credentials ------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class IssuedSecret:
@@ -245,11 +284,19 @@ def public_credential(row: Any, now: datetime | None = None) -> dict[str, Any]:
     """A credential as shown to clients: never a secret or hash."""
     now = now or now_utc()
     data = {
-        "id": row["public_id"], "kind": row["kind"], "name": row["name"], "owner": row["owner_name"],
-        "created_by": row["created_by"], "created_at": row["created_at"], "expires_at": row["expires_at"],
-        "revoked_at": row["revoked_at"], "last_used_at": row["last_used_at"], "rotated_at": row["rotated_at"],
-        "previous_secret_expires_at": row["previous_expires_at"] if row["previous_expires_at"] and
-        row["previous_expires_at"] > now else None,
+        "id": row["public_id"],
+        "kind": row["kind"],
+        "name": row["name"],
+        "owner": row["owner_name"],
+        "created_by": row["created_by"],
+        "created_at": row["created_at"],
+        "expires_at": row["expires_at"],
+        "revoked_at": row["revoked_at"],
+        "last_used_at": row["last_used_at"],
+        "rotated_at": row["rotated_at"],
+        "previous_secret_expires_at": row["previous_expires_at"]
+        if row["previous_expires_at"] and row["previous_expires_at"] > now
+        else None,
         "status": store.credential_status(row, now),
     }
     if row["kind"] == "key":
@@ -272,11 +319,20 @@ def _new_secret(kind: str, public_id: str) -> tuple[str, dict[str, str]]:
     return secret, {"client_id": formats.client_id_for(public_id), "secret": secret}
 
 
-async def create_credential(pool: Pool, actor: Actor, hash_secret: HashSecret, policy: PolicySettings, *,
-                            owner: str, kind: str, name: str = "", expires_in_days: int | Literal["never"] | None = None,
-                            expires_at: datetime | None = None) -> IssuedSecret:
+async def create_credential(
+    pool: Pool,
+    actor: Actor,
+    hash_secret: HashSecret,
+    policy: PolicySettings,
+    *,
+    owner: str,
+    kind: str,
+    name: str = "",
+    expires_in_days: int | Literal["never"] | None = None,
+    expires_at: datetime | None = None,
+) -> IssuedSecret:
     if kind not in ("token", "key"):
-        raise LifecycleError("kind must be \"token\" or \"key\"", "kind")
+        raise LifecycleError('kind must be "token" or "key"', "kind")
     if len(name) > 200:
         raise LifecycleError("name must be at most 200 characters", "name")
     expiry = resolve_expiry(policy, expires_in_days=expires_in_days, expires_at=expires_at)
@@ -285,30 +341,62 @@ async def create_credential(pool: Pool, actor: Actor, hash_secret: HashSecret, p
     secret_hash = await hash_secret(secret)
     async with pool.acquire() as conn, conn.transaction():
         owner_row = await get_principal(conn, owner)
-        await conn.execute(store.INSERT_CREDENTIAL, public_id, kind, secret_hash, name, owner_row["id"],
-                           actor.principal_id, actor.label, expiry)
-        await store.write_audit(conn, actor, "credential.create", "credential", public_id,
-                                {"kind": kind, "name": name, "owner": owner, "expires_at": expiry})
+        await conn.execute(
+            store.INSERT_CREDENTIAL,
+            public_id,
+            kind,
+            secret_hash,
+            name,
+            owner_row["id"],
+            actor.principal_id,
+            actor.label,
+            expiry,
+        )
+        await store.write_audit(
+            conn,
+            actor,
+            "credential.create",
+            "credential",
+            public_id,
+            {"kind": kind, "name": name, "owner": owner, "expires_at": expiry},
+        )
         row = await get_credential(conn, public_id)
     return IssuedSecret(public_credential(row), **shown)
 
 
-async def rotate_credential(pool: Pool, actor: Actor, hash_secret: HashSecret, public_id: str,
-                            grace_seconds: int = 0, max_grace_seconds: int = 7 * 86400) -> IssuedSecret:
+async def rotate_credential(
+    pool: Pool,
+    actor: Actor,
+    hash_secret: HashSecret,
+    public_id: str,
+    grace_seconds: int = 0,
+    max_grace_seconds: int = 7 * 86400,
+) -> IssuedSecret:
     """New secret, same id; the old secret stops now or after grace_seconds."""
-    if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, int) or not 0 <= grace_seconds <= max_grace_seconds:
+    if (
+        isinstance(grace_seconds, bool)
+        or not isinstance(grace_seconds, int)
+        or not 0 <= grace_seconds <= max_grace_seconds
+    ):
         raise LifecycleError(f"grace_seconds must be an integer from 0 to {max_grace_seconds}", "grace_seconds")
     async with pool.acquire() as conn:
         row = await get_credential(conn, public_id)
     secret, shown = _new_secret(row["kind"], public_id)
     secret_hash = await hash_secret(secret)
     async with pool.acquire() as conn, conn.transaction():
-        grace_until = await conn.fetchval("SELECT now() + make_interval(secs => $1)", grace_seconds) \
-            if grace_seconds else None
+        grace_until = (
+            await conn.fetchval("SELECT now() + make_interval(secs => $1)", grace_seconds) if grace_seconds else None
+        )
         if await conn.fetchval(store.ROTATE_CREDENTIAL, public_id, secret_hash, grace_until) is None:
             raise Conflict(f"credential {public_id!r} is revoked and cannot be rotated", "id")
-        await store.write_audit(conn, actor, "credential.rotate", "credential", public_id,
-                                {"grace_seconds": grace_seconds, "previous_secret_expires_at": grace_until})
+        await store.write_audit(
+            conn,
+            actor,
+            "credential.rotate",
+            "credential",
+            public_id,
+            {"grace_seconds": grace_seconds, "previous_secret_expires_at": grace_until},
+        )
         row = await get_credential(conn, public_id)
     return IssuedSecret(public_credential(row), **shown)
 
@@ -319,16 +407,30 @@ async def revoke_credential(pool: Pool, actor: Actor, public_id: str) -> dict[st
         row = await get_credential(conn, public_id)
         if row["revoked_at"] is None:
             await conn.execute(store.REVOKE_CREDENTIAL, public_id)
-            await store.write_audit(conn, actor, "credential.revoke", "credential", public_id,
-                                    {"status": {"before": store.credential_status(row, now_utc()), "after": "revoked"}})
+            await store.write_audit(
+                conn,
+                actor,
+                "credential.revoke",
+                "credential",
+                public_id,
+                {"status": {"before": store.credential_status(row, now_utc()), "after": "revoked"}},
+            )
             row = await get_credential(conn, public_id)
     return public_credential(row)
 
 
-async def update_credential(pool: Pool, actor: Actor, policy: PolicySettings, public_id: str, *,
-                            name: str | None = None, owner: str | None = None,
-                            expires_in_days: int | Literal["never"] | None = None,
-                            expires_at: datetime | None = None, change_expiry: bool = False) -> dict[str, Any]:
+async def update_credential(
+    pool: Pool,
+    actor: Actor,
+    policy: PolicySettings,
+    public_id: str,
+    *,
+    name: str | None = None,
+    owner: str | None = None,
+    expires_in_days: int | Literal["never"] | None = None,
+    expires_at: datetime | None = None,
+    change_expiry: bool = False,
+) -> dict[str, Any]:
     async with pool.acquire() as conn, conn.transaction():
         row = await get_credential(conn, public_id)
         if row["revoked_at"] is not None:
@@ -344,17 +446,30 @@ async def update_credential(pool: Pool, actor: Actor, policy: PolicySettings, pu
             owner_row = await get_principal(conn, owner)
             owner_id, owner_name = owner_row["id"], owner_row["name"]
         await conn.execute(store.UPDATE_CREDENTIAL, public_id, new_name, new_expiry, owner_id)
-        changes = {k: {"before": before, "after": after} for k, before, after in (
-            ("name", row["name"], new_name), ("expires_at", row["expires_at"], new_expiry),
-            ("owner", row["owner_name"], owner_name)) if before != after}
+        changes = {
+            k: {"before": before, "after": after}
+            for k, before, after in (
+                ("name", row["name"], new_name),
+                ("expires_at", row["expires_at"], new_expiry),
+                ("owner", row["owner_name"], owner_name),
+            )
+            if before != after
+        }
         await store.write_audit(conn, actor, "credential.update", "credential", public_id, changes)
         row = await get_credential(conn, public_id)
     return public_credential(row)
 
 
-async def list_credentials(conn: Connection, *, owner_id: int | None = None, kind: str | None = None,
-                           status: str | None = None, expiring_before: datetime | None = None,
-                           after_id: int = 0, limit: int = 100) -> tuple[list[dict[str, Any]], int | None]:
+async def list_credentials(
+    conn: Connection,
+    *,
+    owner_id: int | None = None,
+    kind: str | None = None,
+    status: str | None = None,
+    expiring_before: datetime | None = None,
+    after_id: int = 0,
+    limit: int = 100,
+) -> tuple[list[dict[str, Any]], int | None]:
     """One page of credentials and the cursor for the next page (None at the end)."""
     rows = await conn.fetch(store.LIST_CREDENTIALS, owner_id, kind, expiring_before, status, after_id, limit + 1)
     now = now_utc()

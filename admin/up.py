@@ -130,8 +130,9 @@ async def _bootstrap(settings: Settings, data_dir: Path) -> tuple[str, str]:
     return password, token
 
 
-async def _demo_token(pool: Any, actor: store.Actor, hash_secret: lifecycle.HashSecret, settings: Settings,
-                      data_dir: Path) -> str:
+async def _demo_token(
+    pool: Any, actor: store.Actor, hash_secret: lifecycle.HashSecret, settings: Settings, data_dir: Path
+) -> str:
     """Reuse the demo token kept in the data directory while it is still valid, else issue a new one."""
     token_file = data_dir / "demo-token"
     with contextlib.suppress(OSError):
@@ -142,8 +143,9 @@ async def _demo_token(pool: Any, actor: store.Actor, hash_secret: lifecycle.Hash
                 row = await conn.fetchrow(store.CREDENTIAL_BY_PUBLIC_ID, parsed.public_id)
             if row is not None and store.credential_status(row, lifecycle.now_utc()) == "valid":
                 return token
-    issued = await lifecycle.create_credential(pool, actor, hash_secret, settings.policy, owner=DEMO_SERVICE,
-                                               kind="token", name="make run demo")
+    issued = await lifecycle.create_credential(
+        pool, actor, hash_secret, settings.policy, owner=DEMO_SERVICE, kind="token", name="make run demo"
+    )
     assert issued.token is not None
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
@@ -158,8 +160,10 @@ async def _run(settings: Settings, config: str | None) -> int:
     try:
         password, token = await _bootstrap(settings, data_dir)
     except (OSError, asyncpg.PostgresError) as exc:
-        print(f"credgate up: cannot prepare the database at {redact_url(settings.database_url.reveal())}: {exc}",
-              file=sys.stderr)
+        print(
+            f"credgate up: cannot prepare the database at {redact_url(settings.database_url.reveal())}: {exc}",
+            file=sys.stderr,
+        )
         return 1
     upstream_port = _demo_upstream_port(settings)
     upstream = await start_demo_upstream("127.0.0.1", upstream_port)
@@ -208,9 +212,9 @@ Press Ctrl-C to stop everything.
     return 1 if failed else 0
 
 
-async def _wait_listening(host: str, port: int, children: list[Any], timeout: float = 30.0) -> None:
+async def _wait_listening(host: str, port: int, children: list[Any], within: float = 30.0) -> None:
     """Wait until a service accepts connections (or one of the children has died)."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while asyncio.get_running_loop().time() < deadline and all(c.returncode is None for c in children):
         try:
             _reader, writer = await asyncio.open_connection(host, port)

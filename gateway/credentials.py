@@ -45,9 +45,9 @@ _KEY_SECRET_RANDOM_LENGTH: Final = 32
 
 # Recognisable prefixes so that leaked credentials can be found by secret scanners
 # (they are public format markers, not passwords).
-TOKEN_PREFIX: Final = "cgt_"  # noqa: S105
+TOKEN_PREFIX: Final = "cgt_"
 CLIENT_ID_PREFIX: Final = "cgk_"
-KEY_SECRET_PREFIX: Final = "cgs_"  # noqa: S105
+KEY_SECRET_PREFIX: Final = "cgs_"
 
 TOKEN_LENGTH: Final = len(TOKEN_PREFIX) + PUBLIC_ID_LENGTH + _TOKEN_SECRET_LENGTH + CHECKSUM_LENGTH
 CLIENT_ID_LENGTH: Final = len(CLIENT_ID_PREFIX) + PUBLIC_ID_LENGTH + CHECKSUM_LENGTH

@@ -167,16 +167,18 @@ class GatewayMetrics:
                 pair = self._bound_route.get(route)
                 if pair is None:
                     pair = self._bound_route[route] = (
-                        self.request_seconds.labels(route), self.upstream_seconds.labels(route))
+                        self.request_seconds.labels(route),
+                        self.upstream_seconds.labels(route),
+                    )
                 _add_observations(pair[0], p.total_counts, p.total_sum)
                 _add_observations(pair[1], p.upstream_counts, p.upstream_sum)
         if self._pending_cache:
             cache, self._pending_cache = self._pending_cache, {}
-            for key, n in cache.items():
-                child = self._bound_cache.get(key)
-                if child is None:
-                    child = self._bound_cache[key] = self.cache_lookups.labels(*key)
-                child.inc(n)
+            for pair_key, n in cache.items():
+                cache_child = self._bound_cache.get(pair_key)
+                if cache_child is None:
+                    cache_child = self._bound_cache[pair_key] = self.cache_lookups.labels(*pair_key)
+                cache_child.inc(n)
 
     def upstream_error(self, kind: str | None) -> None:
         """Count an upstream failure; None and client-side kinds (client_abort, ...) are ignored."""
@@ -210,9 +212,8 @@ def _add_observations(child: Histogram, counts: list[int], total: float) -> None
     """
     if not any(counts):
         return
-    buckets = child._buckets  # noqa: SLF001 - see the docstring
+    buckets = child._buckets
     for i, n in enumerate(counts):
         if n:
             buckets[i].inc(n)
-    child._sum.inc(total)  # noqa: SLF001
-
+    child._sum.inc(total)

@@ -83,8 +83,8 @@ class Exchange:
     """One request: filled by the parser callbacks, read (and annotated via `note`) by the handler."""
 
     __slots__ = (
-        "_close", "_consume", "_error", "_forward", "_fwd_started", "_handled", "_pending", "_pending_bytes", "_received",
-        "_response_done", "_retried", "_sent", "_status", "_task", "_upstream", "body_done", "chunked",
+        "_close", "_consume", "_error", "_forward", "_fwd_started", "_handled", "_pending", "_pending_bytes",
+        "_received", "_response_done", "_retried", "_sent", "_status", "_task", "_upstream", "body_done", "chunked",
         "client_ip", "client_port", "content_length", "expect_continue", "has_body", "headers", "http_minor",
         "keep_alive", "method", "note", "request_id", "started", "target", "upgrade", "upgrade_value",
     )  # fmt: skip
@@ -596,7 +596,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _consume(self, ex: Exchange, consume: Consume) -> None:
         """Collect the body here (held like an undecided body), then answer with the callback's response."""
-        if ex.content_length is not None and ex.content_length > consume.limit or ex._received > consume.limit:
+        if (ex.content_length is not None and ex.content_length > consume.limit) or ex._received > consume.limit:
             self._error_reply(ex, 413, "content_too_large", "request body too large", "body_too_large")
             return
         ex._consume = consume

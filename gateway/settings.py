@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from gateway.routes import Route, parse_upstream
+from gateway.routes import Route, Upstream, parse_upstream
 
 ENV_PREFIX = "CREDGATE_"
 
@@ -244,7 +244,7 @@ def _build(cls: type[Any], raw: Any, prefix: str, env: typing.Mapping[str, str],
             hint = f" (did you mean {near[0]}?)" if near else ""
             problems.append(f"{prefix}{key}: unknown key{hint}; remove it or check the spelling")
     values: dict[str, Any] = {}
-    for name, fld in fields.items():
+    for name in fields:
         kind = hints[name]
         dotted = f"{prefix}{name}"
         if isinstance(kind, type) and dataclasses.is_dataclass(kind):
@@ -338,70 +338,81 @@ def _build_routes(raw_routes: Any, problems: list[str]) -> list[Route]:
         if not isinstance(raw, dict):
             problems.append(f"{where}: must be a table with prefix and upstream")
             continue
-        before = len(problems)
-        for key in raw:
-            if key not in _ROUTE_KEYS:
-                problems.append(f"{where}.{key}: unknown key; allowed: {', '.join(sorted(_ROUTE_KEYS))}")
-        prefix = raw.get("prefix")
-        if not isinstance(prefix, str) or not prefix.startswith("/"):
-            problems.append(f"{where}.prefix: a path starting with '/' is required, e.g. prefix = \"/api\"")
-            prefix = "/"
-        elif any(c in prefix for c in ";%\\#?") or "//" in prefix or "/./" in prefix + "/" or "/../" in prefix + "/":
-            problems.append(
-                f"{where}.prefix: {prefix!r} must be a plain normalised path (no ; % \\ # ? // or dot segments)"
-            )
-        normal = prefix.rstrip("/") or "/"
-        if normal in seen:
-            problems.append(f"{where}.prefix: {normal!r} is defined twice; keep one route per prefix")
-        seen.add(normal)
-        upstream_text = raw.get("upstream")
-        upstream = None
-        if not isinstance(upstream_text, str):
-            problems.append(f'{where}.upstream: a URL is required, e.g. upstream = "http://127.0.0.1:9000"')
-        else:
-            try:
-                upstream = parse_upstream(upstream_text)
-            except ValueError as exc:
-                problems.append(f"{where}.upstream: {exc}")
-        auth = raw.get("auth", "required")
-        if auth not in ("required", "none"):
-            problems.append(f'{where}.auth: must be "required" or "none", got {auth!r}')
-        groups = raw.get("groups", [])
-        if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
-            problems.append(f'{where}.groups: a list of group names expected, e.g. groups = ["finance"]')
-            groups = []
-        flags = {}
-        for key in ("strip_prefix", "preserve_host"):
-            flags[key] = raw.get(key, False)
-            if not isinstance(flags[key], bool):
-                problems.append(f"{where}.{key}: true or false expected")
-        timeouts = {}
-        for key, default in (("connect_timeout", 5.0), ("read_timeout", 60.0)):
-            value = raw.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                problems.append(f"{where}.{key}: a positive number of seconds expected")
-                value = default
-            timeouts[key] = float(value)
-        name = raw.get("name") or normal
-        if not isinstance(name, str):
-            problems.append(f"{where}.name: a string expected")
-            name = normal
-        if len(problems) > before or upstream is None:
-            continue
-        routes.append(
-            Route(
-                prefix=normal,
-                upstream=upstream,
-                auth_required=auth == "required",
-                groups=frozenset(groups),
-                strip_prefix=bool(flags["strip_prefix"]),
-                preserve_host=bool(flags["preserve_host"]),
-                connect_timeout=timeouts["connect_timeout"],
-                read_timeout=timeouts["read_timeout"],
-                name=name,
-            )
-        )
+        route = _build_route(raw, where, seen, problems)
+        if route is not None:
+            routes.append(route)
     return routes
+
+
+def _route_prefix(raw: dict[str, Any], where: str, seen: set[str], problems: list[str]) -> str:
+    prefix = raw.get("prefix")
+    if not isinstance(prefix, str) or not prefix.startswith("/"):
+        problems.append(f"{where}.prefix: a path starting with '/' is required, e.g. prefix = \"/api\"")
+        prefix = "/"
+    elif any(c in prefix for c in ";%\\#?") or "//" in prefix or "/./" in prefix + "/" or "/../" in prefix + "/":
+        problems.append(
+            f"{where}.prefix: {prefix!r} must be a plain normalised path (no ; % \\ # ? // or dot segments)"
+        )
+    normal = prefix.rstrip("/") or "/"
+    if normal in seen:
+        problems.append(f"{where}.prefix: {normal!r} is defined twice; keep one route per prefix")
+    seen.add(normal)
+    return normal
+
+
+def _route_upstream(raw: dict[str, Any], where: str, problems: list[str]) -> Upstream | None:
+    text = raw.get("upstream")
+    if not isinstance(text, str):
+        problems.append(f'{where}.upstream: a URL is required, e.g. upstream = "http://127.0.0.1:9000"')
+        return None
+    try:
+        return parse_upstream(text)
+    except ValueError as exc:
+        problems.append(f"{where}.upstream: {exc}")
+        return None
+
+
+def _build_route(raw: dict[str, Any], where: str, seen: set[str], problems: list[str]) -> Route | None:
+    """One [[routes]] table, or None with its problems appended."""
+    before = len(problems)
+    for key in raw:
+        if key not in _ROUTE_KEYS:
+            problems.append(f"{where}.{key}: unknown key; allowed: {', '.join(sorted(_ROUTE_KEYS))}")
+    normal = _route_prefix(raw, where, seen, problems)
+    upstream = _route_upstream(raw, where, problems)
+    auth = raw.get("auth", "required")
+    if auth not in ("required", "none"):
+        problems.append(f'{where}.auth: must be "required" or "none", got {auth!r}')
+    groups = raw.get("groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
+        problems.append(f'{where}.groups: a list of group names expected, e.g. groups = ["finance"]')
+        groups = []
+    flags = {key: raw.get(key, False) for key in ("strip_prefix", "preserve_host")}
+    problems.extend(f"{where}.{key}: true or false expected" for key, v in flags.items() if not isinstance(v, bool))
+    timeouts = {}
+    for key, default in (("connect_timeout", 5.0), ("read_timeout", 60.0)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            problems.append(f"{where}.{key}: a positive number of seconds expected")
+            value = default
+        timeouts[key] = float(value)
+    name = raw.get("name") or normal
+    if not isinstance(name, str):
+        problems.append(f"{where}.name: a string expected")
+        name = normal
+    if len(problems) > before or upstream is None:
+        return None
+    return Route(
+        prefix=normal,
+        upstream=upstream,
+        auth_required=auth == "required",
+        groups=frozenset(groups),
+        strip_prefix=bool(flags["strip_prefix"]),
+        preserve_host=bool(flags["preserve_host"]),
+        connect_timeout=timeouts["connect_timeout"],
+        read_timeout=timeouts["read_timeout"],
+        name=name,
+    )
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -413,6 +424,13 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def _validate(s: Settings, problems: list[str]) -> None:
+    _validate_connections(s, problems)
+    _validate_listeners(s, problems)
+    _validate_values(s, problems)
+    _validate_signing_keys(s.oauth, problems)
+
+
+def _validate_connections(s: Settings, problems: list[str]) -> None:
     key = s.secret_key.reveal()
     if not key:
         problems.append(
@@ -432,6 +450,9 @@ def _validate(s: Settings, problems: list[str]) -> None:
             f"redis_url: {redact_url(redis_url)!r} is not a redis://, rediss:// or unix:// URL "
             "(leave it empty to run without Redis)"
         )
+
+
+def _validate_listeners(s: Settings, problems: list[str]) -> None:
     for dotted, value in (
         ("gateway.listen", s.gateway.listen),
         ("gateway.metrics_listen", s.gateway.metrics_listen),
@@ -449,6 +470,9 @@ def _validate(s: Settings, problems: list[str]) -> None:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
             problems.append(f"gateway.trusted_proxies: {proxy!r} is not an IP address or CIDR network")
+
+
+def _validate_values(s: Settings, problems: list[str]) -> None:
     positive: list[tuple[str, float]] = [
         ("gateway.workers", s.gateway.workers),
         ("database_pool_size", s.database_pool_size),
@@ -485,7 +509,6 @@ def _validate(s: Settings, problems: list[str]) -> None:
     ):
         if not path.startswith("/"):
             problems.append(f"{dotted}: must start with '/'")
-    _validate_signing_keys(s.oauth, problems)
 
 
 def _validate_signing_keys(oauth: OAuthSettings, problems: list[str]) -> None:
@@ -496,10 +519,14 @@ def _validate_signing_keys(oauth: OAuthSettings, problems: list[str]) -> None:
     for index, item in enumerate(oauth.previous_signing_keys):
         kid, sep, material = item.partition(":")
         if not sep or not kid or len(kid.encode()) > 64 or len(material) < 32:
-            problems.append(f"oauth.previous_signing_keys[{index}]: \"KEY_ID:SECRET\" with a 32+ character secret expected")
+            problems.append(
+                f'oauth.previous_signing_keys[{index}]: "KEY_ID:SECRET" with a 32+ character secret expected'
+            )
         elif kid in seen:
-            problems.append(f"oauth.previous_signing_keys[{index}]: key id {kid!r} is used twice (or equals "
-                            "oauth.signing_key_id); give every key its own id")
+            problems.append(
+                f"oauth.previous_signing_keys[{index}]: key id {kid!r} is used twice (or equals "
+                "oauth.signing_key_id); give every key its own id"
+            )
         seen.add(kid)
 
 

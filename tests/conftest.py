@@ -142,12 +142,14 @@ def env(database_url: str, clean_redis_url: str, tmp_path: Path) -> dict[str, st
     """Environment for a credgate process (CLI, gateway, admin) bound to this test's database and Redis."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("CREDGATE_")}
     base.update(FAST_ARGON2)
-    base.update({
-        "CREDGATE_DATABASE_URL": database_url,
-        "CREDGATE_REDIS_URL": clean_redis_url,
-        "CREDGATE_SECRET_KEY": TEST_SECRET_KEY,
-        "CREDGATE_DATA_DIR": str(tmp_path / "data"),
-    })
+    base.update(
+        {
+            "CREDGATE_DATABASE_URL": database_url,
+            "CREDGATE_REDIS_URL": clean_redis_url,
+            "CREDGATE_SECRET_KEY": TEST_SECRET_KEY,
+            "CREDGATE_DATA_DIR": str(tmp_path / "data"),
+        }
+    )
     return base
 
 

@@ -53,12 +53,17 @@ async def start_upstream() -> Upstream:
                     await ws.send_bytes(msg.data)
             return ws
         body = await request.read()
-        record = {"method": request.method, "path": request.raw_path, "headers": list(request.raw_headers),
-                  "body_bytes": len(body)}
+        record = {
+            "method": request.method,
+            "path": request.raw_path,
+            "headers": list(request.raw_headers),
+            "body_bytes": len(body),
+        }
         seen.append(record)
         headers = {k: v for k, v in request.headers.items()}
-        return web.json_response({"method": request.method, "path": request.raw_path, "headers": headers,
-                                  "body_bytes": len(body)})
+        return web.json_response(
+            {"method": request.method, "path": request.raw_path, "headers": headers, "body_bytes": len(body)}
+        )
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", echo)
@@ -115,8 +120,15 @@ def write_config(path: Path, routes: Sequence[Mapping[str, Any]], extra: str = "
     return path
 
 
-def start_gateway(env: Mapping[str, str], config: Path, tmp: Path, *, workers: int = 1,
-                  extra_env: Mapping[str, str] | None = None, timeout: float = 30) -> GatewayProcess:
+def start_gateway(
+    env: Mapping[str, str],
+    config: Path,
+    tmp: Path,
+    *,
+    workers: int = 1,
+    extra_env: Mapping[str, str] | None = None,
+    timeout: float = 30,
+) -> GatewayProcess:
     port, metrics_port = free_port(), free_port()
     log_path = tmp / f"gateway-{port}.log"
     run_env = dict(env)
@@ -124,9 +136,24 @@ def start_gateway(env: Mapping[str, str], config: Path, tmp: Path, *, workers: i
     run_env.update(extra_env or {})
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "admin", "gateway", "--config", str(config), "--listen", f"127.0.0.1:{port}",
-             "--workers", str(workers)], env=run_env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "admin",
+                "gateway",
+                "--config",
+                str(config),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--workers",
+                str(workers),
+            ],
+            env=run_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     gw = GatewayProcess(process, port, metrics_port, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -140,7 +167,9 @@ def start_gateway(env: Mapping[str, str], config: Path, tmp: Path, *, workers: i
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(env: Mapping[str, str], config: Path, tmp: Path, **kwargs: Any) -> AsyncIterator[GatewayProcess]:
+async def running_gateway(
+    env: Mapping[str, str], config: Path, tmp: Path, **kwargs: Any
+) -> AsyncIterator[GatewayProcess]:
     gw = await asyncio.to_thread(start_gateway, env, config, tmp, **kwargs)
     try:
         yield gw
@@ -151,8 +180,15 @@ async def running_gateway(env: Mapping[str, str], config: Path, tmp: Path, **kwa
 async def cli(env: Mapping[str, str], *args: str) -> str:
     """Run the credgate CLI (with --json) and return its stdout."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "admin", *args, "--json", env=dict(env),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "admin",
+        *args,
+        "--json",
+        env=dict(env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"credgate {' '.join(args)} failed: {err.decode()}")

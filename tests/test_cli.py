@@ -13,8 +13,7 @@ from gateway import credentials
 
 
 def run(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "admin", *args], capture_output=True, text=True, env=env,
-                          timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "admin", *args], capture_output=True, text=True, env=env, timeout=60)
     if ok:
         assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -42,8 +41,10 @@ async def test_token_lifecycle_and_no_plaintext(env: dict[str, str], database_ur
         row = await conn.fetchrow("SELECT secret_hash, expires_at - created_at AS life FROM credentials")
         assert row["secret_hash"].startswith("$argon2id$")
         assert round(row["life"].total_seconds() / 86400) == 90
-        tables = [r[0] for r in await conn.fetch(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")]
+        tables = [
+            r[0]
+            for r in await conn.fetch("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+        ]
         dump = ""
         for table in tables:
             dump += "\n".join(str(tuple(r)) for r in await conn.fetch(f'SELECT * FROM "{table}"'))

@@ -3,9 +3,8 @@ Grafana-shaped with valid PromQL, and every metric either one uses exists in a l
 
 from __future__ import annotations
 
-import asyncio
-
 import ast
+import asyncio
 import json
 import re
 import shutil

@@ -27,12 +27,15 @@ async def upstream() -> AsyncIterator[Upstream]:
 
 @pytest.fixture
 async def gateway(env: dict[str, str], upstream: Upstream, tmp_path: Path) -> AsyncIterator[GatewayProcess]:
-    config = write_config(tmp_path / "gw.toml", [
-        {"prefix": "/", "upstream": upstream.url},
-        {"prefix": "/finance", "upstream": upstream.url, "groups": ["finance"]},
-        {"prefix": "/public", "upstream": upstream.url, "auth": "none"},
-        {"prefix": "/strip", "upstream": upstream.url + "/base", "strip_prefix": True},
-    ])
+    config = write_config(
+        tmp_path / "gw.toml",
+        [
+            {"prefix": "/", "upstream": upstream.url},
+            {"prefix": "/finance", "upstream": upstream.url, "groups": ["finance"]},
+            {"prefix": "/public", "upstream": upstream.url, "auth": "none"},
+            {"prefix": "/strip", "upstream": upstream.url + "/base", "strip_prefix": True},
+        ],
+    )
     async with running_gateway(env, config, tmp_path) as gw:
         yield gw
 
@@ -64,8 +67,11 @@ def bearer(token: str) -> dict[str, str]:
 
 async def test_bearer_injects_identity_and_strips_credential(gateway: GatewayProcess, creds: dict[str, Any]) -> None:
     token = creds["token"]
-    status, headers, body = await get(gateway, "/hello?x=1", {
-        **bearer(token["token"]), "X-Auth-User": "mallory", "x_auth_groups": "admin", "X.Auth.User-Id": "0"})
+    status, headers, body = await get(
+        gateway,
+        "/hello?x=1",
+        {**bearer(token["token"]), "X-Auth-User": "mallory", "x_auth_groups": "admin", "X.Auth.User-Id": "0"},
+    )
     assert status == 200, body
     seen = {k.lower(): v for k, v in body["headers"].items()}
     assert seen["x-auth-user"] == "svc" and seen["x-auth-groups"] == "finance"
@@ -104,8 +110,9 @@ async def test_refusals_follow_rfc6750(gateway: GatewayProcess, creds: dict[str,
         assert status == 401
         assert headers["WWW-Authenticate"].startswith('Bearer realm="credgate", error="invalid_token"')
         assert body == responses[0][2]
-    status, _, body = await get(gateway, "/x", {**bearer(token), "accessKey": creds["key"]["client_id"],
-                                                "secretKey": creds["key"]["secret"]})
+    status, _, body = await get(
+        gateway, "/x", {**bearer(token), "accessKey": creds["key"]["client_id"], "secretKey": creds["key"]["secret"]}
+    )
     assert status == 400 and body["error"] == "invalid_request"
     status, _, body = await get(gateway, "/x", {"accessKey": creds["key"]["client_id"]})
     assert status == 400 and body["error"] == "invalid_request"
@@ -127,8 +134,7 @@ async def test_strip_prefix_and_bad_paths(gateway: GatewayProcess, creds: dict[s
     status, _, body = await get(gateway, "/strip/a/b", bearer(creds["token"]["token"]))
     assert status == 200 and body["path"] == "/base/a/b"
     for bad in ("/public/..;/finance", "/public/%2e%2e/finance", "/public%2ffinance"):
-        async with aiohttp.ClientSession() as session, session.get(
-                yarl.URL(gateway.url + bad, encoded=True)) as resp:
+        async with aiohttp.ClientSession() as session, session.get(yarl.URL(gateway.url + bad, encoded=True)) as resp:
             assert resp.status in (400, 401), bad
 
 
@@ -142,7 +148,9 @@ async def test_health_and_ready(gateway: GatewayProcess) -> None:
     assert status == 200
 
 
-async def test_revocation_reaches_the_gateway(gateway: GatewayProcess, creds: dict[str, Any], env: dict[str, str]) -> None:
+async def test_revocation_reaches_the_gateway(
+    gateway: GatewayProcess, creds: dict[str, Any], env: dict[str, str]
+) -> None:
     token = creds["token"]
     assert (await get(gateway, "/x", bearer(token["token"])))[0] == 200
     await cli(env, "credentials", "revoke", token["id"])
@@ -154,11 +162,11 @@ async def test_revocation_reaches_the_gateway(gateway: GatewayProcess, creds: di
     assert status == 401
 
 
-async def test_expiry_warning_header(env: dict[str, str], upstream: Upstream, tmp_path: Path,
-                                     creds: dict[str, Any]) -> None:
+async def test_expiry_warning_header(
+    env: dict[str, str], upstream: Upstream, tmp_path: Path, creds: dict[str, Any]
+) -> None:
     config = write_config(tmp_path / "gw.toml", [{"prefix": "/", "upstream": upstream.url}])
-    soon = json.loads(await cli(env, "credentials", "create", "--owner", "svc", "--kind", "token",
-                                "--expires-in", "3"))
+    soon = json.loads(await cli(env, "credentials", "create", "--owner", "svc", "--kind", "token", "--expires-in", "3"))
     async with running_gateway(env, config, tmp_path) as gw:
         status, headers, _ = await get(gw, "/x", bearer(soon["token"]))
         assert status == 200 and headers["Credgate-Credential-Expires"].startswith(soon["expires_at"][:16])

@@ -52,8 +52,9 @@ async def every_worker_says(gw: GatewayProcess, token: str, status: int, workers
     while time.monotonic() - started < deadline:
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector) as s:
-            results = await asyncio.gather(*(s.get(gw.url + "/x", headers={"Authorization": f"Bearer {token}"})
-                                             for _ in range(16)))
+            results = await asyncio.gather(
+                *(s.get(gw.url + "/x", headers={"Authorization": f"Bearer {token}"}) for _ in range(16))
+            )
             for resp in results:
                 if resp.status == status:
                     answered.add(resp.headers.get("X-Credgate-Worker", "?"))
@@ -64,14 +65,15 @@ async def every_worker_says(gw: GatewayProcess, token: str, status: int, workers
 
 
 async def test_revocation_reaches_all_four_workers_within_a_second(
-        env: dict[str, str], upstream: Upstream, tmp_path: Path, database_url: str) -> None:
+    env: dict[str, str], upstream: Upstream, tmp_path: Path, database_url: str
+) -> None:
     config = write_config(tmp_path / "gw.toml", [{"prefix": "/", "upstream": upstream.url}])
     await cli(env, "users", "create", "svc", "--service")
-    tokens = [json.loads(await cli(env, "credentials", "create", "--owner", "svc", "--kind", "token"))
-              for _ in range(4)]
+    tokens = [
+        json.loads(await cli(env, "credentials", "create", "--owner", "svc", "--kind", "token")) for _ in range(4)
+    ]
     lags: list[float] = []
-    async with running_gateway(env, config, tmp_path, workers=4,
-                               extra_env={"CREDGATE_DEBUG_WORKER_HEADER": "1"}) as gw:
+    async with running_gateway(env, config, tmp_path, workers=4, extra_env={"CREDGATE_DEBUG_WORKER_HEADER": "1"}) as gw:
         for t in tokens:
             await every_worker_says(gw, t["token"], 200, 4, 20)
         # two by the CLI, two by raw SQL: the trigger notifies either way
@@ -89,12 +91,15 @@ async def test_revocation_reaches_all_four_workers_within_a_second(
             await conn.close()
         text = await scrape(gw)
         assert metric(text, "credgate_invalidations_total") >= 16  # 4 events x 4 workers (plus creation)
-    print(f"\nrevocation lag to all 4 workers: p50={statistics.median(lags)*1000:.0f} ms "
-          f"max={max(lags)*1000:.0f} ms (n={len(lags)})")
+    print(
+        f"\nrevocation lag to all 4 workers: p50={statistics.median(lags) * 1000:.0f} ms "
+        f"max={max(lags) * 1000:.0f} ms (n={len(lags)})"
+    )
 
 
 async def test_one_argon2_verification_serves_every_worker(
-        env: dict[str, str], upstream: Upstream, tmp_path: Path) -> None:
+    env: dict[str, str], upstream: Upstream, tmp_path: Path
+) -> None:
     config = write_config(tmp_path / "gw.toml", [{"prefix": "/", "upstream": upstream.url}])
     await cli(env, "users", "create", "svc", "--service")
     token = json.loads(await cli(env, "credentials", "create", "--owner", "svc", "--kind", "token"))["token"]
@@ -102,22 +107,29 @@ async def test_one_argon2_verification_serves_every_worker(
         statuses: list[int] = []
         connector = aiohttp.TCPConnector(limit=20, force_close=True)
         async with aiohttp.ClientSession(connector=connector) as s:
+
             async def one() -> None:
                 async with s.get(gw.url + "/x", headers={"Authorization": f"Bearer {token}"}) as r:
                     statuses.append(r.status)
+
             for _ in range(10):
                 await asyncio.gather(*(one() for _ in range(100)))
         assert statuses.count(200) == 1000
         await asyncio.sleep(2.5)  # the metrics of both workers are combined in one scrape
         text = await scrape(gw)
         assert metric(text, "credgate_argon2_verifications_total") == 1
-        print(f"\nargon2 verifications for 1000 requests on 2 workers: "
-              f"{metric(text, 'credgate_argon2_verifications_total'):.0f}")
+        print(
+            f"\nargon2 verifications for 1000 requests on 2 workers: "
+            f"{metric(text, 'credgate_argon2_verifications_total'):.0f}"
+        )
 
 
 async def test_throttle_bounds_argon2_runs(env: dict[str, str], upstream: Upstream, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "gw.toml", [{"prefix": "/", "upstream": upstream.url}],
-                          extra="[throttle]\nmax_failures = 5\nper_address_max_failures = 1000\n")
+    config = write_config(
+        tmp_path / "gw.toml",
+        [{"prefix": "/", "upstream": upstream.url}],
+        extra="[throttle]\nmax_failures = 5\nper_address_max_failures = 1000\n",
+    )
     await cli(env, "users", "create", "svc", "--service")
     key: dict[str, Any] = json.loads(await cli(env, "credentials", "create", "--owner", "svc", "--kind", "key"))
     from gateway.credentials import generate_key_secret
@@ -126,12 +138,14 @@ async def test_throttle_bounds_argon2_runs(env: dict[str, str], upstream: Upstre
         statuses: list[int] = []
         retry_after: set[str] = set()
         async with aiohttp.ClientSession() as s:
+
             async def one() -> None:
                 headers = {"accessKey": key["client_id"], "secretKey": generate_key_secret()}
                 async with s.get(gw.url + "/x", headers=headers) as r:
                     statuses.append(r.status)
                     if r.status == 429:
                         retry_after.add(r.headers["Retry-After"])
+
             for _ in range(4):
                 await asyncio.gather(*(one() for _ in range(50)))
         await asyncio.sleep(2.5)
@@ -139,7 +153,9 @@ async def test_throttle_bounds_argon2_runs(env: dict[str, str], upstream: Upstre
         runs = metric(text, "credgate_argon2_verifications_total")
         assert set(statuses) == {401, 429} and statuses.count(401) <= 5
         assert runs <= 5 and retry_after and all(int(v) >= 1 for v in retry_after)
-        async with aiohttp.ClientSession() as s, s.get(gw.url + "/x", headers={
-                "accessKey": key["client_id"], "secretKey": key["secret"]}) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(gw.url + "/x", headers={"accessKey": key["client_id"], "secretKey": key["secret"]}) as r,
+        ):
             assert r.status == 429  # the id is throttled for everyone until the window ends
         print(f"\n200 wrong secrets: argon2 ran {runs:.0f} times (limit 5)")

@@ -21,7 +21,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults_and_file(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 redis_url = "redis://127.0.0.1:6379/0"
 [gateway]
 listen = "0.0.0.0:9999"
@@ -37,7 +39,8 @@ strip_prefix = true
 prefix = "/public"
 upstream = "http://127.0.0.1:9001"
 auth = "none"
-""")
+""",
+    )
     s = load_settings(path, env=BASE_ENV)
     assert s.gateway.listen == "0.0.0.0:9999"
     assert s.gateway.limits.max_body_bytes == 1024
@@ -51,9 +54,13 @@ auth = "none"
 
 
 def test_environment_overrides_file(tmp_path: Path) -> None:
-    path = write(tmp_path, '[gateway]\nworkers = 2\n[cache]\nmemory_ttl = 5\n')
-    env = dict(BASE_ENV, CREDGATE_GATEWAY_WORKERS="4", CREDGATE_CACHE_MEMORY_TTL="1.5",
-               CREDGATE_GATEWAY_TRUSTED_PROXIES="10.0.0.1, 192.168.0.0/16")
+    path = write(tmp_path, "[gateway]\nworkers = 2\n[cache]\nmemory_ttl = 5\n")
+    env = dict(
+        BASE_ENV,
+        CREDGATE_GATEWAY_WORKERS="4",
+        CREDGATE_CACHE_MEMORY_TTL="1.5",
+        CREDGATE_GATEWAY_TRUSTED_PROXIES="10.0.0.1, 192.168.0.0/16",
+    )
     s = load_settings(path, env=env)
     assert s.gateway.workers == 4
     assert s.cache.memory_ttl == 1.5
@@ -61,13 +68,15 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
 
 
 def test_config_env_var_names_file(tmp_path: Path) -> None:
-    path = write(tmp_path, '[gateway]\nworkers = 3\n')
+    path = write(tmp_path, "[gateway]\nworkers = 3\n")
     s = load_settings(None, env=dict(BASE_ENV, CREDGATE_CONFIG=str(path)))
     assert s.gateway.workers == 3
 
 
 def test_every_problem_reported_at_once(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [gateway]
 workerz = 2
 listen = "nonsense"
@@ -77,12 +86,21 @@ memory_ttl = "soon"
 prefix = "api"
 upstream = "ftp://x"
 auth = "maybe"
-""")
+""",
+    )
     with pytest.raises(SettingsError) as info:
         load_settings(path, env={})
     text = str(info.value)
-    for needle in ("gateway.workerz", "gateway.listen", "cache.memory_ttl", "routes[0].prefix",
-                   "routes[0].upstream", "routes[0].auth", "secret_key", "database_url"):
+    for needle in (
+        "gateway.workerz",
+        "gateway.listen",
+        "cache.memory_ttl",
+        "routes[0].prefix",
+        "routes[0].upstream",
+        "routes[0].auth",
+        "secret_key",
+        "database_url",
+    ):
         assert needle in text, needle
     assert len(info.value.problems) >= 8
 
@@ -115,17 +133,25 @@ def test_secret_key_file(tmp_path: Path) -> None:
 
 
 def test_cli_exits_2_naming_three_mistakes(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 secret_key = "a-long-enough-secret-key-for-the-test-0123456789"
 database_url = "mysql://nope"
 [gateway]
 workers = 0
 [policy]
 max_expiry_days = "ninety"
-""")
+""",
+    )
     env = {"PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "admin", "migrate", "--config", str(path)],
-                          capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "admin", "migrate", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "database_url" in proc.stderr and "gateway.workers" in proc.stderr
     assert "policy.max_expiry_days" in proc.stderr

@@ -31,7 +31,8 @@ async def test_migrate_concurrently_gives_one_schema(empty_database_url: str) ->
         results = await asyncio.gather(*(store.migrate(c) for c in conns))
         assert sorted(len(r) for r in results) == [0, 0, len(store.migration_files())]
         tables = await conns[0].fetchval(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'credentials'")
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'credentials'"
+        )
         assert tables == 1
     finally:
         for c in conns:
@@ -45,8 +46,7 @@ async def _principal(pool: Any, name: str = "alice") -> int:
 async def test_audit_rows_cannot_be_updated_or_deleted(pool: Any) -> None:
     async with pool.acquire() as conn:
         await store.write_audit(conn, store.Actor("cli:test"), "x.test", "thing", "t1", {"a": 1})
-        for sql in ("UPDATE audit_events SET action = 'forged'", "DELETE FROM audit_events",
-                    "TRUNCATE audit_events"):
+        for sql in ("UPDATE audit_events SET action = 'forged'", "DELETE FROM audit_events", "TRUNCATE audit_events"):
             with pytest.raises(asyncpg.PostgresError, match="append-only"):
                 await conn.execute(sql)
         row = await conn.fetchrow("SELECT action, changes FROM audit_events")
@@ -61,15 +61,20 @@ async def test_changes_made_with_plain_sql_notify(pool: Any, database_url: str) 
         owner = await _principal(pool)
         await pool.execute(
             "INSERT INTO credentials (public_id, kind, secret_hash, owner_id, created_by) "
-            "VALUES ('abcdefghijkl', 'token', '$argon2id$x', $1, 'test')", owner)
+            "VALUES ('abcdefghijkl', 'token', '$argon2id$x', $1, 'test')",
+            owner,
+        )
         assert (await asyncio.wait_for(received.get(), 5))["id"] == "abcdefghijkl"
         await pool.execute("UPDATE credentials SET last_used_at = now()")  # not an auth change: silent
         await pool.execute("UPDATE credentials SET revoked_at = now()")
         event = await asyncio.wait_for(received.get(), 5)
         assert event["t"] == "c" and event["id"] == "abcdefghijkl" and event["ts"] > 0
         await pool.execute("UPDATE principals SET disabled = true WHERE id = $1", owner)
-        assert await asyncio.wait_for(received.get(), 5) == {"t": "p", "id": str(owner), "ts": pytest.approx(
-            event["ts"], abs=60)}
+        assert await asyncio.wait_for(received.get(), 5) == {
+            "t": "p",
+            "id": str(owner),
+            "ts": pytest.approx(event["ts"], abs=60),
+        }
         gid = await pool.fetchval("INSERT INTO permission_groups (name) VALUES ('g') RETURNING id")
         await pool.execute("INSERT INTO memberships VALUES ($1, $2)", owner, gid)
         assert (await asyncio.wait_for(received.get(), 5))["t"] == "p"
@@ -86,7 +91,9 @@ async def test_auth_record_carries_owner_and_groups(pool: Any) -> None:
     await pool.execute("INSERT INTO memberships VALUES ($1, $2)", owner, gid)
     await pool.execute(
         "INSERT INTO credentials (public_id, kind, secret_hash, owner_id, created_by, name) "
-        "VALUES ('AAAAAAAAAAAA', 'key', '$argon2id$x', $1, 'cli:root', 'ci')", owner)
+        "VALUES ('AAAAAAAAAAAA', 'key', '$argon2id$x', $1, 'cli:root', 'ci')",
+        owner,
+    )
     async with pool.acquire() as conn:
         rec = await store.fetch_auth_record(conn, "AAAAAAAAAAAA")
         assert rec is not None
