@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from gateway import store
 from gateway.settings import Settings, load_settings
+from tests.support import server_dir
 
 TEST_SECRET_KEY = "test-server-key-" + "x" * 32
 # Small argon2 parameters keep the suite fast; test_hashing checks the production defaults separately.
@@ -36,12 +37,13 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     from admin.embedded import EmbeddedPostgres
 
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    with server_dir("test-pg") as data:
+        server = EmbeddedPostgres(data / "pg")
+        server.start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -52,12 +54,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     from admin.embedded import EmbeddedRedis
 
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+    with server_dir("test-redis") as data:
+        server = EmbeddedRedis(data / "redis")
+        server.start()
+        try:
+            yield server.url
+        finally:
+            server.stop()
 
 
 TEMPLATE_DB = f"credgate_tpl_{os.getpid()}"

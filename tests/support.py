@@ -5,18 +5,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+
+@contextlib.contextmanager
+def server_dir(prefix: str) -> Iterator[Path]:
+    """A private directory for an embedded server's data, outside pytest's basetemp.
+
+    The embedded Postgres runs as an unprivileged user that must traverse the path to its data; pytest
+    resets /tmp/pytest-of-<user> to 0700 whenever another pytest session starts, which would pull the
+    data directory away from under a running server.
+    """
+    path = Path(tempfile.mkdtemp(prefix=f"credgate-{prefix}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ import httptools
 from admin.embedded import EmbeddedPostgres, EmbeddedRedis
 from gateway import store
 from tests.conftest import FAST_ARGON2, TEST_SECRET_KEY
-from tests.support import cli
+from tests.support import cli, server_dir
 
 # --- stores a test may break ------------------------------------------------------------------------------
 
@@ -50,8 +50,15 @@ def credgate_env(database_url: str, redis_url: str, tmp_path: Path) -> dict[str,
 @contextlib.asynccontextmanager
 async def private_stores(tmp_path: Path) -> AsyncIterator[PrivateStores]:
     """Start a migrated Postgres and a Redis under tmp_path; both stopped (by their own PIDs) afterwards."""
-    postgres = EmbeddedPostgres(tmp_path / "pg")
-    redis = EmbeddedRedis(tmp_path / "redis")
+    with server_dir("fault-stores") as data:
+        async with _private_stores(data, tmp_path) as stores:
+            yield stores
+
+
+@contextlib.asynccontextmanager
+async def _private_stores(data: Path, tmp_path: Path) -> AsyncIterator[PrivateStores]:
+    postgres = EmbeddedPostgres(data / "pg")
+    redis = EmbeddedRedis(data / "redis")
     try:
         await asyncio.to_thread(postgres.start)
         await asyncio.to_thread(redis.start)
