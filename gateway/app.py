@@ -312,6 +312,11 @@ class Gateway:
             headers.append((b"X-Credgate-Worker", self.worker_id))
         return Respond(status, headers, json_body(error, description))
 
+    def rejected(self, client_ip: str, status: int, error: str) -> None:
+        """The data plane refused a request before handle() (bad framing, limits, slow head): log and count it."""
+        self.metrics.count_request("-", "OTHER", status, "bad_request")
+        self.log.request(b"-", client_ip, "-", "-", b"-", status, 0, 0.0, None, "", "bad_request", "", "", "", error)
+
     def error_response(self, status: int, error: str, description: str) -> Respond:
         """Errors the data plane produces itself (400/408/413/414/431/502/504)."""
         return Respond(status, [JSON, NO_STORE], json_body(error, description))

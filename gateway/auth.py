@@ -48,7 +48,10 @@ def status_of(entry: CachedCredential, now: float) -> Verdict:
         return Verdict("expired", entry)
     if entry.owner_disabled:
         return Verdict("suspended", entry)
-    return Verdict("ok", entry)
+    verdict = entry.ok_verdict
+    if verdict is None:  # built once per cache entry: the hot path allocates no Verdict
+        verdict = entry.ok_verdict = Verdict("ok", entry)
+    return verdict  # type: ignore[return-value]
 
 
 class CacheObserver:

@@ -78,6 +78,7 @@ class CachedCredential:
     secret_hash: str = ""
     previous_hash: str = ""
     header_blocks: dict[bytes, bytes] = field(default_factory=dict)  # per auth method, prebuilt
+    ok_verdict: object | None = None  # gateway.auth's Verdict("ok", self), built once
 
     def __repr__(self) -> str:
         return f"CachedCredential(public_id={self.public_id!r}, owner={self.owner_name!r})"

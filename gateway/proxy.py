@@ -185,6 +185,9 @@ class Handler(Protocol):
     def done(self, ex: Exchange, outcome: Outcome) -> None:
         """Called exactly once for every exchange that reached handle()."""
 
+    def rejected(self, client_ip: str, status: int, error: str) -> None:
+        """A request refused before it reached handle() (malformed framing, limits, timeouts): for the log."""
+
     def error_response(self, status: int, error: str, description: str) -> Respond:
         """Body builder for the errors the data plane produces itself (400/408/413/414/431/502/504...)."""
 
@@ -734,6 +737,10 @@ class ClientConnection(asyncio.Protocol):
     def _send_error(self, rej: _Reject) -> None:
         if not self._closed:
             self._write_response(self._error_response(rej.status, rej.error, rej.description), True, 1, False)
+            try:
+                self._handler.rejected(self._client_ip, rej.status, rej.error)
+            except Exception:
+                logger.exception("handler.rejected failed")
 
     def _exchange_complete(self, ex: Exchange) -> None:
         self._active = None

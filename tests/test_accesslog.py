@@ -216,3 +216,31 @@ async def test_periodic_flush_without_close(tmp_path: Path) -> None:
 def test_rfc3339(epoch: float, text: str) -> None:
     assert rfc3339(epoch) == text
     assert rfc3339(time.time()).endswith("Z")
+
+
+async def test_requests_refused_by_the_data_plane_are_logged(
+    env: dict[str, str], upstream: Upstream, tmp_path: Path
+) -> None:
+    """Framing errors and limits are refused before the request path runs: still one line each."""
+    config = write_config(tmp_path / "gw.toml", [{"prefix": "/", "upstream": upstream.url}])
+    async with running_gateway(env, config, tmp_path) as gw:
+        for raw in (
+            b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(raw)
+            await writer.drain()
+            await reader.read()
+            writer.close()
+            await writer.wait_closed()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            lines = [json.loads(line) for line in gw.log().splitlines() if line.startswith('{"time"')]
+            refused = [line for line in lines if line["auth_outcome"] == "bad_request"]
+            if len(refused) >= 2:
+                break
+            await asyncio.sleep(0.1)
+    assert sorted(line["status"] for line in refused) == [400, 431]
+    assert all(line["reason"] and line["route"] == "-" and line["client"] == "127.0.0.1" for line in refused)
+    assert "aaaa" not in gw.log()

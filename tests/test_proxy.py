@@ -70,6 +70,7 @@ class ForwardingHandler:
         self.connect_timeout = connect_timeout
         self.seen: list[Exchange] = []
         self.outcomes: list[Outcome] = []
+        self.refused: list[tuple[str, int, str]] = []
 
     def decide(self, ex: Exchange) -> Respond | Forward:
         self.seen.append(ex)
@@ -93,6 +94,9 @@ class ForwardingHandler:
 
     def done(self, ex: Exchange, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
+
+    def rejected(self, client_ip: str, status: int, error: str) -> None:
+        self.refused.append((client_ip, status, error))
 
     def error_response(self, status: int, error: str, description: str) -> Respond:
         body = json.dumps({"error": error, "error_description": description}).encode()
@@ -1051,6 +1055,8 @@ class Handler:
         return Forward("127.0.0.1", int(sys.argv[1]), head)
     def done(self, ex, outcome):
         print("done", outcome.status, outcome.bytes_sent, outcome.error, flush=True)
+    def rejected(self, client_ip, status, error):
+        pass
     def error_response(self, status, error, description):
         return Respond(status, [], error.encode())
 
