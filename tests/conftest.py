@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from gateway import store
 from gateway.settings import Settings, load_settings
-from tests.support import server_dir
+from tests.support import Upstream, server_dir, start_upstream
 
 TEST_SECRET_KEY = "test-server-key-" + "x" * 32
 # Small argon2 parameters keep the suite fast; test_hashing checks the production defaults separately.
@@ -143,12 +143,17 @@ async def clean_redis_url(redis_url: str) -> AsyncIterator[str]:
 @pytest.fixture
 def env(database_url: str, clean_redis_url: str, tmp_path: Path) -> dict[str, str]:
     """Environment for a credgate process (CLI, gateway, admin) bound to this test's database and Redis."""
+    return credgate_env(database_url, clean_redis_url, tmp_path)
+
+
+def credgate_env(database_url: str, redis_url: str, tmp_path: Path) -> dict[str, str]:
+    """The environment of a credgate process (CLI, gateway, admin) bound to these servers, fast argon2."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("CREDGATE_")}
     base.update(FAST_ARGON2)
     base.update(
         {
             "CREDGATE_DATABASE_URL": database_url,
-            "CREDGATE_REDIS_URL": clean_redis_url,
+            "CREDGATE_REDIS_URL": redis_url,
             "CREDGATE_SECRET_KEY": TEST_SECRET_KEY,
             "CREDGATE_DATA_DIR": str(tmp_path / "data"),
         }
@@ -168,3 +173,13 @@ async def pool(database_url: str) -> AsyncIterator[Any]:
         yield p
     finally:
         await p.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    """A real echoing upstream on 127.0.0.1 (see tests.support.start_upstream)."""
+    up = await start_upstream()
+    try:
+        yield up
+    finally:
+        await up.runner.cleanup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -210,3 +211,20 @@ async def cli(env: Mapping[str, str], *args: str) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"credgate {' '.join(args)} failed: {err.decode()}")
     return out.decode()
+
+
+async def scrape(metrics_port: int) -> str:
+    """One Prometheus text page from a metrics listener on 127.0.0.1."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+def metric(text: str, name: str) -> float | None:
+    """Sum of every sample of `name` in a Prometheus text page; None when there is none."""
+    total: float | None = None
+    for line in text.splitlines():
+        match = re.match(rf"{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+|NaN)$", line)
+        if match:
+            total = (total or 0.0) + float(match.group(2))
+    return total

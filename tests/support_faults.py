@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,8 +18,8 @@ import httptools
 
 from admin.embedded import EmbeddedPostgres, EmbeddedRedis
 from gateway import store
-from tests.conftest import FAST_ARGON2, TEST_SECRET_KEY
-from tests.support import cli, server_dir
+from tests.conftest import credgate_env
+from tests.support import cli, metric, scrape, server_dir
 
 # --- stores a test may break ------------------------------------------------------------------------------
 
@@ -32,19 +31,6 @@ class PrivateStores:
     postgres: EmbeddedPostgres
     redis: EmbeddedRedis
     env: dict[str, str]
-
-
-def credgate_env(database_url: str, redis_url: str, tmp_path: Path) -> dict[str, str]:
-    """The environment of a credgate process (CLI or gateway) bound to these servers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDGATE_")}
-    env.update(FAST_ARGON2)
-    env.update({
-        "CREDGATE_DATABASE_URL": database_url,
-        "CREDGATE_REDIS_URL": redis_url,
-        "CREDGATE_SECRET_KEY": TEST_SECRET_KEY,
-        "CREDGATE_DATA_DIR": str(tmp_path / "data"),
-    })
-    return env
 
 
 @contextlib.asynccontextmanager
@@ -116,21 +102,6 @@ async def http_get(url: str, headers: dict[str, str] | None = None, limit: float
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-async def scrape(metrics_port: int) -> str:
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
-        return await resp.text()
-
-
-def metric(text: str, name: str) -> float | None:
-    """Sum of every sample of `name` in a Prometheus text page; None when there is none."""
-    total: float | None = None
-    for line in text.splitlines():
-        match = re.match(rf"{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+|NaN)$", line)
-        if match:
-            total = (total or 0.0) + float(match.group(2))
-    return total
 
 
 async def gauge_is(metrics_port: int, name: str, value: float) -> bool:

@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +18,10 @@ import pytest
 
 from gateway.accesslog import FIELDS, AccessLog, rfc3339
 from gateway.credentials import generate_key_secret, generate_token
-from tests.support import Upstream, cli, free_port, running_gateway, start_upstream, write_config
+from tests.support import Upstream, cli, free_port, running_gateway, write_config
 
 ATTRIBUTION = {"time", "request_id", "client", "method", "route", "path", "status", "bytes", "duration_ms",
                "upstream_ms", "auth_method", "auth_outcome", "credential", "owner", "creator", "reason"}
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await start_upstream()
-    try:
-        yield up
-    finally:
-        await up.runner.cleanup()
 
 
 @pytest.mark.slow

@@ -12,21 +12,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import GatewayProcess, Upstream, running_gateway, start_upstream, write_config
+from tests.support import GatewayProcess, Upstream, running_gateway, write_config
 from tests.test_admin_support import World, world
 
 __all__ = ["world"]
 
 PROPAGATION_SECONDS = 1.0
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await start_upstream()
-    try:
-        yield up
-    finally:
-        await up.runner.cleanup()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Upstream, cli, running_gateway, start_upstream, write_config
+from tests.support import Upstream, cli, running_gateway, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "credgate-rules.yml"
@@ -294,15 +294,6 @@ def admin_metric_samples() -> dict[str, set[str]]:
                 extra = {"le"} if suffix == "_bucket" else set()
                 samples[name.value + suffix] = labels | extra
     return samples
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await start_upstream()
-    try:
-        yield up
-    finally:
-        await up.runner.cleanup()
 
 
 @pytest.mark.slow

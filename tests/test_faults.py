@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,9 @@ from tests.support import (
     Upstream,
     cli,
     free_port,
+    metric,
     running_gateway,
-    start_upstream,
+    scrape,
     write_config,
 )
 from tests.support_faults import (
@@ -30,24 +30,13 @@ from tests.support_faults import (
     eventually,
     gauge_is,
     http_get,
-    metric,
     private_stores,
-    scrape,
     scripted_upstream,
 )
 
 # Unknown ids from one test address must not trip the per-address failure throttle while it polls.
 NO_ADDRESS_THROTTLE = "[throttle]\nper_address_max_failures = 100000\n"
 WORKER = "X-Credgate-Worker"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await start_upstream()
-    try:
-        yield up
-    finally:
-        await up.runner.cleanup()
 
 
 def unknown_token() -> str:

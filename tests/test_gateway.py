@@ -13,16 +13,7 @@ import aiohttp
 import pytest
 import yarl
 
-from tests.support import GatewayProcess, Upstream, cli, running_gateway, start_upstream, write_config
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await start_upstream()
-    try:
-        yield up
-    finally:
-        await up.runner.cleanup()
+from tests.support import GatewayProcess, Upstream, cli, running_gateway, write_config
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import base64
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,26 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.credentials import generate_key_secret, generate_token
 from gateway.metrics import GatewayMetrics
-from tests.support import GatewayProcess, Upstream, cli, free_port, running_gateway, start_upstream, write_config
+from tests.support import Upstream, cli, free_port, running_gateway, scrape, write_config
 
 pytestmark = pytest.mark.slow
 
 Sample = tuple[str, dict[str, str], float]
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await start_upstream()
-    try:
-        yield up
-    finally:
-        await up.runner.cleanup()
-
-
-async def scrape(gw: GatewayProcess) -> str:
-    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{gw.metrics_port}/metrics") as r:
-        assert r.status == 200
-        return await r.text()
 
 
 def samples(text: str) -> list[Sample]:
@@ -135,7 +119,7 @@ async def test_scripted_mix_counts_exactly_across_two_workers(
         total = len(script)
         deadline = time.monotonic() + 5
         while True:  # a worker records a request just after its last byte went out
-            text = await scrape(gw)
+            text = await scrape(gw.metrics_port)
             if sum(by_labels(text, "credgate_requests_total", "route").values()) >= total:
                 break
             assert time.monotonic() < deadline, "the scrape never showed every request"

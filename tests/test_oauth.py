@@ -43,18 +43,9 @@ from gateway.settings import Settings
 from gateway.throttle import FailureThrottle
 from gateway.tokens import AccessTokenVerifier, Grant, SigningKeys
 from tests.conftest import TEST_SECRET_KEY
-from tests.support import GatewayProcess, Upstream, cli, running_gateway, start_upstream, write_config
+from tests.support import GatewayProcess, Upstream, cli, running_gateway, write_config
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await start_upstream()
-    try:
-        yield up
-    finally:
-        await up.runner.cleanup()
 
 
 def gateway_config(upstream: Upstream, path: Path, extra: str = "") -> Path:

@@ -5,30 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from gateway.credentials import generate_token
-from tests.support import Upstream, running_gateway, start_upstream, write_config
+from tests.support import Upstream, running_gateway, write_config
 from tests.support_faults import RawResponse, bearer, create_token, raw_exchange, scripted_upstream
 
 WEBSOCKET_UPGRADE = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
                      ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")]
 H2C_UPGRADE = [("Upgrade", "h2c"), ("Connection", "Upgrade, HTTP2-Settings"),
                ("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA")]
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = await start_upstream()
-    try:
-        yield up
-    finally:
-        await up.runner.cleanup()
 
 
 def upgrade_request(path: str, headers: list[tuple[str, str]]) -> bytes:
