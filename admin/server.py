@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -17,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from admin.app import SchemaMissing, create_app
 from admin.auth import IDENTITY, REQUEST_ID
+from gateway.server import configure_logging
 from gateway.settings import Settings, parse_listen
 
 logger = logging.getLogger("credgate.admin")
@@ -36,11 +36,6 @@ class JsonAccessLogger(AbstractAccessLogger):
             "principal": identity.name if identity is not None else None,
             "auth": identity.method if identity is not None else None,
         }, separators=(",", ":")))
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=os.environ.get("CREDGATE_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
 
 
 def access_logger(target: str) -> logging.Logger | None:

@@ -130,18 +130,12 @@ class Authenticator:
             self.throttle.note_address_failure(client_ip)
             return INVALID
         if fields is not None:
-            cached = entry_from_redis(public_id, fields, time.monotonic())
-            if cached is not None and cached.revoked and not self.memory.outdated(cached):
+            cached = self._shared_entry(public_id, fields)
+            if cached is not None and cached.revoked:
                 self.observe("redis", "hit")
                 self._remember(cached, None, generation)
                 return INVALID
-            # While the store is unreachable, a shared entry counts only within stale_ttl of its last store read.
-            if (
-                cached is not None
-                and cached.matches(digest, time.time())
-                and not self.memory.outdated(cached)
-                and (self.store_reachable() or time.time() - cached.stored_at < self.stale_ttl)
-            ):
+            if cached is not None and cached.matches(digest, time.time()) and self._usable(cached):
                 self.observe("redis", "hit")
                 self._remember(cached, stale_entry, generation)
                 return status_of(cached, time.time())
@@ -157,16 +151,10 @@ class Authenticator:
         public_id = presented.public_id
         read_started = time.time()  # what the snapshot is at least as new as (see MemoryCache.outdated)
         try:
-            async with self.pool.acquire(timeout=2.0 if self.store_reachable() else 0.5) as conn:
-                record = await conn.fetchrow(store.AUTH_LOOKUP, public_id)
-                record = store.record_from_row(record) if record is not None else None
+            record = await self._read_record(public_id)
         except STORE_ERRORS as exc:
             logger.warning("store unreachable for a credential lookup: %s", exc.__class__.__name__)
-            if (
-                stale_entry is not None
-                and stale_entry.matches(digest, time.time())
-                and time.time() - stale_entry.stored_at < self.stale_ttl
-            ):
+            if stale_entry is not None and stale_entry.matches(digest, time.time()) and self._recent(stale_entry):
                 self.observe("memory", "hit")
                 return status_of(stale_entry, time.time())
             return UNAVAILABLE
@@ -207,8 +195,8 @@ class Authenticator:
             if attempt:
                 await asyncio.sleep(0.025)
             fields, _neg = await self.redis.get(public_id)
-            shared = entry_from_redis(public_id, fields, time.monotonic()) if fields else None
-            if shared is not None and shared.matches(digest, time.time()) and not self.memory.outdated(shared):
+            shared = self._shared_entry(public_id, fields) if fields else None
+            if shared is not None and shared.matches(digest, time.time()):
                 self.observe("redis", "hit")
                 self._remember(shared, entry, generation)
                 if claimed:
@@ -241,6 +229,24 @@ class Authenticator:
             return status_of(entry, time.time())
         finally:
             await self.redis.release_verification(public_id, digest)
+
+    def _shared_entry(self, public_id: str, fields: dict[bytes, bytes]) -> CachedCredential | None:
+        """The Redis tier's entry, unless it was read from the store before a change notification about it."""
+        entry = entry_from_redis(public_id, fields, time.monotonic())
+        return None if entry is None or self.memory.outdated(entry) else entry
+
+    def _recent(self, entry: CachedCredential) -> bool:
+        """Read from the store within stale_ttl: good enough while the store cannot be asked."""
+        return time.time() - entry.stored_at < self.stale_ttl
+
+    def _usable(self, entry: CachedCredential) -> bool:
+        """A shared entry counts while the store is reachable, and only within stale_ttl while it is not."""
+        return self.store_reachable() or self._recent(entry)
+
+    async def _read_record(self, public_id: str) -> store.AuthRecord | None:
+        """One store read (shorter wait for a connection while the invalidation channel is down)."""
+        async with self.pool.acquire(timeout=2.0 if self.store_reachable() else 0.5) as conn:
+            return await store.fetch_auth_record(conn, public_id)
 
     def _remember(self, entry: CachedCredential, previous: CachedCredential | None, generation: int) -> None:
         """Put into memory unless an invalidation arrived since the read began (it would be stale)."""
@@ -281,33 +287,28 @@ class Authenticator:
             self.observe("redis", "negative")
             self.memory.put_negative(public_id, self.negative_ttl)
             return INVALID
-        shared = entry_from_redis(public_id, fields, time.monotonic()) if fields is not None else None
-        if (
-            shared is not None
-            and not self.memory.outdated(shared)
-            and (self.store_reachable() or time.time() - shared.stored_at < self.stale_ttl)
-        ):
+        shared = self._shared_entry(public_id, fields) if fields is not None else None
+        if shared is not None and self._usable(shared):
             self.observe("redis", "hit")
             self._remember(shared, stale_entry, generation)
             return shared
         self.observe("redis", "miss")
         read_started = time.time()  # what the snapshot is at least as new as (see MemoryCache.outdated)
         try:
-            async with self.pool.acquire(timeout=2.0 if self.store_reachable() else 0.5) as conn:
-                row = await conn.fetchrow(store.AUTH_LOOKUP, public_id)
+            record = await self._read_record(public_id)
         except STORE_ERRORS as exc:
             logger.warning("store unreachable for a credential lookup: %s", exc.__class__.__name__)
-            if stale_entry is not None and time.time() - stale_entry.stored_at < self.stale_ttl:
+            if stale_entry is not None and self._recent(stale_entry):
                 return stale_entry
             return UNAVAILABLE
-        if row is None:
+        if record is None:
             self.observe("store", "negative")
             if self.memory.generation == generation:
                 self.memory.put_negative(public_id, self.negative_ttl)
                 await self.redis.put_negative(public_id)
             return INVALID
         self.observe("store", "hit")
-        entry = CachedCredential.from_record(store.record_from_row(row), time.monotonic())
+        entry = CachedCredential.from_record(record, time.monotonic())
         entry.stored_at = read_started
         self._remember(entry, stale_entry, generation)
         await self._publish(entry, None, "", generation)

@@ -264,12 +264,7 @@ class OAuthEndpoints:
 
     async def _revoke_with_body(self, ex: Exchange, body: bytes) -> Respond:
         try:
-            form = parse_form(body)
-            client = client_from_request(tuple(_header_values(ex, b"authorization")), form)
-            value = form.get("token")
-            if value is None:
-                raise invalid_request("token is required")
-            entry = await self._authenticate(ex, client)
+            entry, value = await self._client_and_token(ex, body)
             token = self.keys.parse(value)
             if token is None:
                 if parse_token(value) is not None or parse_key_secret(value) is not None:
@@ -286,6 +281,15 @@ class OAuthEndpoints:
         except OAuthError as err:
             return self.error(ex, err)
 
+    async def _client_and_token(self, ex: Exchange, body: bytes) -> tuple[CachedCredential, str]:
+        """The authenticated client's credential and the `token` parameter (RFC 7009 §2.1, RFC 7662 §2.1)."""
+        form = parse_form(body)
+        client = client_from_request(tuple(_header_values(ex, b"authorization")), form)
+        value = form.get("token")
+        if value is None:
+            raise invalid_request("token is required")
+        return await self._authenticate(ex, client), value
+
     def _revoked(self, ex: Exchange) -> Respond:
         self._note(ex).outcome = "ok"
         return self.respond(ex, 200, b"", content_type=False)
@@ -297,12 +301,7 @@ class OAuthEndpoints:
 
     async def _introspect_with_body(self, ex: Exchange, body: bytes) -> Respond:
         try:
-            form = parse_form(body)
-            client = client_from_request(tuple(_header_values(ex, b"authorization")), form)
-            value = form.get("token")
-            if value is None:
-                raise invalid_request("token is required")
-            entry = await self._authenticate(ex, client)
+            entry, value = await self._client_and_token(ex, body)
             self._note(ex).outcome = "ok"
             token = self.keys.parse(value)
             # A client may introspect its own tokens only; anything else reads as inactive.

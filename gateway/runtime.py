@@ -68,15 +68,7 @@ class GatewayRuntime:
         g = s.gateway
         names = g.identity_headers
         self.policy = make_policy(
-            [
-                names.user_id,
-                names.user,
-                names.groups,
-                names.credential_id,
-                names.credential_name,
-                names.method,
-                names.scope,
-            ],
+            names.names(),
             access_key_header=g.access_key_header,
             secret_key_header=g.secret_key_header,
             keep_credentials=g.keep_credential_headers,

@@ -90,6 +90,10 @@ class IdentityHeaders:
     method: str = "X-Auth-Method"
     scope: str = "X-Auth-Scope"
 
+    def names(self) -> tuple[str, ...]:
+        """Every identity header name, in the order the upstream receives them."""
+        return dataclasses.astuple(self)
+
 
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
