@@ -22,8 +22,9 @@ from admin.lifecycle import LifecycleError
 from admin.metrics import AdminMetrics
 from admin.views import audit, credentials, groups, session, users
 from admin.views.common import SERVICES, Services
-from gateway import hashing, store
-from gateway.settings import Settings
+from gateway.core import hashing, store
+from gateway.core.errors import STORE_UNAVAILABLE
+from gateway.core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,6 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CONCURRENT_CHANGES = (asyncpg.IntegrityConstraintViolationError, asyncpg.TransactionRollbackError)
 # The newest table the admin service needs: absent means `credgate migrate` has not run.
 SCHEMA_CHECK = "SELECT to_regclass('admin_idempotency_keys') IS NOT NULL"
-# Database trouble is answered with 503 (try again), not 500 (our bug).
-STORE_ERRORS = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-                asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
 
 
 async def openapi_document(request: web.Request) -> web.Response:
@@ -121,7 +119,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except CONCURRENT_CHANGES as exc:
         logger.warning("concurrent change in %s %s: %s", request.method, _route_label(request), exc.__class__.__name__)
         response = error_response(ApiError(409, "conflict", "the data changed while this request ran; retry it"))
-    except STORE_ERRORS as exc:
+    except STORE_UNAVAILABLE as exc:  # 503 (try again), not 500 (our bug)
         logger.warning("database unavailable for %s %s: %s", request.method, _route_label(request),
                        exc.__class__.__name__)
         response = error_response(ApiError(503, "unavailable", "the database is unavailable; retry shortly",
@@ -181,10 +179,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             async with pool.acquire() as conn:
                 if not await conn.fetchval(SCHEMA_CHECK):
                     raise SchemaMissing("the database schema is not up to date; run `credgate migrate` first")
-            a2 = settings.argon2
-            argon2 = hashing.Argon2Pool(
-                hashing.make_hasher(hashing.Argon2Params(a2.memory_kib, a2.time_cost, a2.parallelism)),
-                concurrency=a2.concurrency, queue_limit=a2.queue_limit)
+            argon2 = hashing.pool_from(settings.argon2)
             stack.push_async_callback(asyncio.to_thread, argon2.close)
             auth = AdminAuth(settings, pool, argon2)
             await auth.start()

@@ -20,11 +20,11 @@ from typing import Any
 from aiohttp import web
 
 from admin.errors import ApiError, forbidden, unauthorized
-from gateway import hashing, store
-from gateway.credentials import Presented
+from gateway.core import hashing, store
+from gateway.core.formats import Presented
+from gateway.core.settings import Settings
+from gateway.core.store import Actor, Pool
 from gateway.extract import extract
-from gateway.settings import Settings
-from gateway.store import Actor, Pool
 
 logger = logging.getLogger(__name__)
 

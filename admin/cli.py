@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -15,18 +13,10 @@ from typing import Any, Literal
 import asyncpg
 
 from admin import lifecycle
-from gateway import hashing, store
-from gateway.settings import Settings, SettingsError, exit_on_error, load_settings
+from gateway.core import store
+from gateway.core.settings import Settings, SettingsError, exit_on_error, load_settings
 
 Command = Callable[[argparse.Namespace, Settings], Awaitable[Any]]
-
-
-def cli_actor() -> store.Actor:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = f"uid{os.getuid()}"
-    return store.Actor(label=f"cli:{user}", auth_method="cli", source="cli")
 
 
 def to_json(value: Any) -> str:
@@ -36,21 +26,6 @@ def to_json(value: Any) -> str:
         return str(obj)
 
     return json.dumps(value, default=default, indent=2, sort_keys=True)
-
-
-def make_hash_secret(settings: Settings) -> lifecycle.HashSecret:
-    hasher = hashing.make_hasher(
-        hashing.Argon2Params(
-            memory_kib=settings.argon2.memory_kib,
-            time_cost=settings.argon2.time_cost,
-            parallelism=settings.argon2.parallelism,
-        )
-    )
-
-    async def hash_secret(secret: str) -> str:
-        return await asyncio.to_thread(hashing.hash_secret, hasher, secret)
-
-    return hash_secret
 
 
 async def open_pool(settings: Settings) -> store.Pool:
@@ -88,8 +63,8 @@ async def cmd_users_create(args: argparse.Namespace, settings: Settings) -> Any:
     try:
         created = await lifecycle.create_principal(
             pool,
-            cli_actor(),
-            make_hash_secret(settings),
+            lifecycle.cli_actor(),
+            lifecycle.secret_hasher(settings.argon2),
             args.name,
             service=args.service,
             admin=args.admin,
@@ -119,7 +94,7 @@ async def cmd_users_list(args: argparse.Namespace, settings: Settings) -> Any:
 async def cmd_users_disable(args: argparse.Namespace, settings: Settings) -> Any:
     pool = await open_pool(settings)
     try:
-        return await lifecycle.set_disabled(pool, cli_actor(), args.name, disabled=args.cmd == "disable")
+        return await lifecycle.set_disabled(pool, lifecycle.cli_actor(), args.name, disabled=args.cmd == "disable")
     finally:
         await pool.close()
 
@@ -127,7 +102,8 @@ async def cmd_users_disable(args: argparse.Namespace, settings: Settings) -> Any
 async def cmd_users_password(args: argparse.Namespace, settings: Settings) -> Any:
     pool = await open_pool(settings)
     try:
-        password = await lifecycle.reset_password(pool, cli_actor(), make_hash_secret(settings), args.name)
+        hash_secret = lifecycle.secret_hasher(settings.argon2)
+        password = await lifecycle.reset_password(pool, lifecycle.cli_actor(), hash_secret, args.name)
     finally:
         await pool.close()
     return {
@@ -140,7 +116,7 @@ async def cmd_users_password(args: argparse.Namespace, settings: Settings) -> An
 async def cmd_groups_create(args: argparse.Namespace, settings: Settings) -> Any:
     pool = await open_pool(settings)
     try:
-        return await lifecycle.create_group(pool, cli_actor(), args.name, args.description or "")
+        return await lifecycle.create_group(pool, lifecycle.cli_actor(), args.name, args.description or "")
     finally:
         await pool.close()
 
@@ -158,7 +134,7 @@ async def cmd_groups_member(args: argparse.Namespace, settings: Settings) -> Any
     pool = await open_pool(settings)
     try:
         changed = await lifecycle.change_membership(
-            pool, cli_actor(), args.group, args.user, add=args.cmd == "add-member"
+            pool, lifecycle.cli_actor(), args.group, args.user, add=args.cmd == "add-member"
         )
     finally:
         await pool.close()
@@ -182,8 +158,8 @@ async def cmd_credentials_create(args: argparse.Namespace, settings: Settings) -
     try:
         issued = await lifecycle.create_credential(
             pool,
-            cli_actor(),
-            make_hash_secret(settings),
+            lifecycle.cli_actor(),
+            lifecycle.secret_hasher(settings.argon2),
             settings.policy,
             owner=args.owner,
             kind=args.kind,
@@ -237,7 +213,7 @@ async def cmd_credentials_rotate(args: argparse.Namespace, settings: Settings) -
     pool = await open_pool(settings)
     try:
         issued = await lifecycle.rotate_credential(
-            pool, cli_actor(), make_hash_secret(settings), args.id, grace_seconds=args.grace
+            pool, lifecycle.cli_actor(), lifecycle.secret_hasher(settings.argon2), args.id, grace_seconds=args.grace
         )
     finally:
         await pool.close()
@@ -247,7 +223,7 @@ async def cmd_credentials_rotate(args: argparse.Namespace, settings: Settings) -
 async def cmd_credentials_revoke(args: argparse.Namespace, settings: Settings) -> Any:
     pool = await open_pool(settings)
     try:
-        return await lifecycle.revoke_credential(pool, cli_actor(), args.id)
+        return await lifecycle.revoke_credential(pool, lifecycle.cli_actor(), args.id)
     finally:
         await pool.close()
 
@@ -364,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.config = getattr(args, "config", None)
     args.json = getattr(args, "json", False)
     if args.command == "up":
-        from admin.up import run_up
+        from admin.devenv.up import run_up
 
         raise SystemExit(run_up(args))
     try:

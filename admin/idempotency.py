@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from admin.errors import ApiError
-from gateway import store
-from gateway.store import Pool
+from gateway.core import store
+from gateway.core.store import Pool
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 KEY_LIFETIME = 24 * 3600.0

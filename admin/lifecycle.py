@@ -6,6 +6,9 @@ exists once. Secrets are generated here and returned exactly once; only argon2id
 
 from __future__ import annotations
 
+import asyncio
+import getpass
+import os
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -14,12 +17,31 @@ from typing import Any, Literal
 
 import asyncpg
 
-from gateway import credentials as formats
-from gateway import store
-from gateway.settings import PolicySettings
-from gateway.store import Actor, Connection, Pool
+from gateway.core import formats, hashing, store
+from gateway.core.settings import Argon2Settings, PolicySettings
+from gateway.core.store import Actor, Connection, Pool
 
 HashSecret = Callable[[str], Awaitable[str]]
+
+
+def secret_hasher(settings: Argon2Settings) -> HashSecret:
+    """argon2id with the deployment's parameters, in a thread (the CLI and `credgate up` hash a few secrets)."""
+    hasher = hashing.hasher_from(settings)
+
+    async def hash_secret(secret: str) -> str:
+        return await asyncio.to_thread(hashing.hash_secret, hasher, secret)
+
+    return hash_secret
+
+
+def cli_actor() -> Actor:
+    """The actor recorded for commands run from a shell: `cli:<os user>`."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return Actor(label=f"cli:{user}", auth_method="cli", source="cli")
+
 
 
 class LifecycleError(Exception):

@@ -7,8 +7,8 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gateway import store
-from gateway.store import Pool
+from gateway.core import store
+from gateway.core.store import Pool
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from admin.app import SchemaMissing, create_app
 from admin.auth import IDENTITY, REQUEST_ID
-from gateway.server import configure_logging
-from gateway.settings import Settings, parse_listen
+from gateway.core.logs import configure_logging
+from gateway.core.settings import Settings, parse_listen
 
 logger = logging.getLogger("credgate.admin")
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from gateway.accesslog import AccessLog, rfc3339
 from gateway.auth import Authenticator, Verdict
 from gateway.cache import CachedCredential
+from gateway.core.settings import Settings
 from gateway.extract import PresentedAccessToken, Refusal, extract
 from gateway.headers import (
     HeaderPolicy,
@@ -29,7 +30,6 @@ from gateway.headers import (
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Consume, Exchange, Forward, Outcome, Respond
 from gateway.routes import Route, RouteTable, normalize_target, upstream_path
-from gateway.settings import Settings
 from gateway.tokens import AccessTokenVerifier, Grant
 from gateway.usage import UsageRecorder
 

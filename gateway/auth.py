@@ -13,17 +13,16 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import asyncpg
-
-from gateway import hashing, store
 from gateway.cache import CachedCredential, MemoryCache, Negative, RedisTier, entry_from_redis
-from gateway.credentials import Presented
-from gateway.settings import Settings
+from gateway.core import hashing, store
+from gateway.core.errors import STORE_ERRORS
+from gateway.core.formats import Presented
+from gateway.core.settings import Settings
 from gateway.throttle import FailureThrottle
 
 logger = logging.getLogger(__name__)
 
-STORE_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
 
 
 @dataclass(slots=True, frozen=True)

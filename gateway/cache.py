@@ -25,8 +25,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
-from gateway import store
-from gateway.store import AuthRecord
+from gateway.core import store
+from gateway.core.store import AuthRecord
 
 logger = logging.getLogger(__name__)
 

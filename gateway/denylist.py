@@ -16,8 +16,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
-from gateway import store
-from gateway.auth import STORE_ERRORS
+from gateway.core import store
+from gateway.core.errors import STORE_ERRORS
 from gateway.tokens import AccessToken
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from base64 import b64decode
 from dataclasses import dataclass
 from typing import Literal, overload
 
-from gateway.credentials import Presented, parse_key_pair, parse_token
+from gateway.core.formats import Presented, parse_key_pair, parse_token
 from gateway.tokens import looks_like_access_token
 
 Method = Literal["bearer", "basic", "headers", "oauth"]

@@ -19,15 +19,16 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
-from gateway import hashing
 from gateway.app import JSON, NO_STORE, REALM, Note, OwnEndpoint, json_body
-from gateway.auth import STORE_ERRORS, Authenticator, Verdict
+from gateway.auth import Authenticator, Verdict
 from gateway.cache import CachedCredential
-from gateway.credentials import Presented, client_id_for, parse_key_pair, parse_key_secret, parse_token
+from gateway.core import hashing
+from gateway.core.errors import STORE_ERRORS
+from gateway.core.formats import Presented, client_id_for, parse_key_pair, parse_key_secret, parse_token
+from gateway.core.settings import Settings
 from gateway.denylist import TokenDenylist
 from gateway.headers import HeaderPolicy, scan_request_headers
 from gateway.proxy import Consume, Exchange, Respond
-from gateway.settings import Settings
 from gateway.tokens import AccessTokenVerifier, SigningKeys
 
 __all__ = [

@@ -11,17 +11,18 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from gateway import hashing, store
 from gateway.accesslog import AccessLog
 from gateway.app import JSON, NO_STORE, Gateway
-from gateway.auth import STORE_ERRORS, Authenticator
+from gateway.auth import Authenticator
 from gateway.cache import InvalidationListener, MemoryCache, RedisTier
+from gateway.core import hashing, store
+from gateway.core.errors import STORE_ERRORS
+from gateway.core.settings import Settings, parse_listen
 from gateway.denylist import TokenDenylist
 from gateway.headers import make_policy
 from gateway.metrics import GatewayMetrics
 from gateway.oauth import OAuthEndpoints
 from gateway.proxy import Exchange, ProxyLimits, ProxyServer, Respond, start_server
-from gateway.settings import Settings, parse_listen
 from gateway.throttle import FailureThrottle
 from gateway.tokens import AccessTokenVerifier, SigningKeys
 from gateway.usage import UsageRecorder
@@ -47,13 +48,7 @@ class GatewayRuntime:
         self.metrics.redis_up.set(1 if self.redis.client is not None else 0)
         self.metrics.redis_configured.set(1 if self.redis.client is not None else 0)
         self.memory = MemoryCache(s.cache.max_entries)
-        hasher = hashing.make_hasher(
-            hashing.Argon2Params(
-                memory_kib=s.argon2.memory_kib, time_cost=s.argon2.time_cost, parallelism=s.argon2.parallelism
-            )
-        )
-        self.argon2 = hashing.Argon2Pool(hasher, concurrency=s.argon2.concurrency, queue_limit=s.argon2.queue_limit)
-        self.argon2.observer = self._argon2_observed
+        self.argon2 = hashing.pool_from(s.argon2, observer=self._argon2_observed)
         self.throttle = FailureThrottle(s.throttle, self.redis)
         self.auth = Authenticator(
             s, self.pool, self.memory, self.redis, self.argon2, self.throttle, observe=self.metrics.cache_lookup

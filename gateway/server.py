@@ -18,19 +18,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.settings import Settings, parse_listen
+from gateway.core.logs import configure_logging
+from gateway.core.settings import Settings, parse_listen
 
 logger = logging.getLogger("credgate.gateway")
 
 READY_LINE = "credgate-worker-ready"
 
-
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("CREDGATE_LOG_LEVEL", "INFO"),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
 
 
 # --- supervisor -------------------------------------------------------------------------------------------
@@ -190,7 +184,7 @@ def _start_metrics(listen: str, metrics_dir: str) -> Any:
 
 def worker_main() -> int:
     configure_logging()
-    from gateway.settings import SettingsError, exit_on_error, load_settings
+    from gateway.core.settings import SettingsError, exit_on_error, load_settings
 
     try:
         settings = load_settings(None)

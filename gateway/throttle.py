@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.cache import REDIS_PREFIX, RedisTier
-from gateway.settings import ThrottleSettings
+from gateway.core.settings import ThrottleSettings
 
 
 def id_key(public_id: str) -> str:

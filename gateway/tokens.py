@@ -27,8 +27,8 @@ from gateway.cache import CachedCredential, Negative
 
 if TYPE_CHECKING:
     from gateway.auth import Authenticator
+    from gateway.core.settings import Settings
     from gateway.denylist import TokenDenylist
-    from gateway.settings import Settings
 
 __all__ = [
     "ACCESS_TOKEN_PREFIX",

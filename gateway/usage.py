@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime
 
 import asyncpg
 
-from gateway import store
+from gateway.core import store
 
 logger = logging.getLogger(__name__)
 

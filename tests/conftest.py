@@ -14,8 +14,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import store
-from gateway.settings import Settings, load_settings
+from gateway.core import store
+from gateway.core.settings import Settings, load_settings
 from tests.support import Upstream, server_dir, start_upstream
 
 TEST_SECRET_KEY = "test-server-key-" + "x" * 32
@@ -35,7 +35,7 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if given:
         yield given
         return
-    from admin.embedded import EmbeddedPostgres
+    from admin.devenv.embedded import EmbeddedPostgres
 
     with server_dir("test-pg") as data:
         server = EmbeddedPostgres(data / "pg")
@@ -52,7 +52,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if given:
         yield given
         return
-    from admin.embedded import EmbeddedRedis
+    from admin.devenv.embedded import EmbeddedRedis
 
     with server_dir("test-redis") as data:
         server = EmbeddedRedis(data / "redis")

@@ -16,8 +16,8 @@ import aiohttp
 import asyncpg
 import httptools
 
-from admin.embedded import EmbeddedPostgres, EmbeddedRedis
-from gateway import store
+from admin.devenv.embedded import EmbeddedPostgres, EmbeddedRedis
+from gateway.core import store
 from tests.conftest import credgate_env
 from tests.support import cli, metric, scrape, server_dir
 

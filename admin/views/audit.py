@@ -9,7 +9,7 @@ from aiohttp import web
 from admin.auth import current, require_admin
 from admin.errors import json_response
 from admin.views.common import id_cursor, page, page_limit, query_fields, services
-from gateway import store
+from gateway.core import store
 
 # Pages run backwards by id; the first page starts above every id.
 NO_CURSOR = 2**63 - 1

@@ -14,9 +14,9 @@ from admin.auth import AdminAuth
 from admin.errors import ApiError, invalid
 from admin.idempotency import RotationReplay
 from admin.metrics import AdminMetrics
-from gateway import hashing
-from gateway.settings import Settings
-from gateway.store import Pool
+from gateway.core import hashing
+from gateway.core.settings import Settings
+from gateway.core.store import Pool
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500

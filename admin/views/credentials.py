@@ -13,8 +13,8 @@ from admin.auth import actor_for, current
 from admin.errors import forbidden, json_response, no_content
 from admin.idempotency import IDEMPOTENCY_HEADER, check_key
 from admin.views.common import Fields, id_cursor, page, page_limit, query_fields, read_json, services
-from gateway import store
-from gateway.store import Connection
+from gateway.core import store
+from gateway.core.store import Connection
 
 KINDS = ("token", "key")
 STATUSES = ("valid", "expired", "suspended", "revoked")

@@ -10,7 +10,7 @@ from admin import lifecycle
 from admin.auth import actor_for, current, require_admin
 from admin.errors import json_response, no_content, not_found
 from admin.views.common import Fields, page, page_limit, path_name, query_fields, read_json, services
-from gateway import store
+from gateway.core import store
 
 
 def public_group(row: Any) -> dict[str, Any]:

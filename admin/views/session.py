@@ -10,8 +10,8 @@ from admin import auth, lifecycle
 from admin.auth import Identity, actor_for, current, source_address
 from admin.errors import ApiError, json_response, no_content
 from admin.views.common import Fields, read_json, services
-from gateway import store
-from gateway.store import Connection
+from gateway.core import store
+from gateway.core.store import Connection
 
 MAX_PASSWORD_LENGTH = 1024
 

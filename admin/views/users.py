@@ -8,7 +8,7 @@ from admin import lifecycle
 from admin.auth import actor_for, current, require_admin
 from admin.errors import ApiError, json_response, no_content
 from admin.views.common import Fields, id_cursor, page, page_limit, path_name, query_fields, read_json, services
-from gateway import store
+from gateway.core import store
 
 
 async def list_users(request: web.Request) -> web.Response:

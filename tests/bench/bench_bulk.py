@@ -13,8 +13,8 @@ from pathlib import Path
 
 import asyncpg
 
-from gateway import credentials, hashing
-from gateway.settings import Settings, load_settings
+from gateway.core import formats, hashing
+from gateway.core.settings import Settings, load_settings
 
 COLUMNS = ("public_id", "kind", "secret_hash", "name", "owner_id", "created_by", "expires_at")
 
@@ -63,20 +63,20 @@ class Token:
 
 def new_key_pairs(count: int, distinct_secrets: int) -> tuple[list[KeyPair], list[str]]:
     """count key pairs with distinct ids; secret i % distinct_secrets each. Returns them and the distinct secrets."""
-    distinct = [credentials.generate_key_secret() for _ in range(max(1, min(distinct_secrets, count)))]
+    distinct = [formats.generate_key_secret() for _ in range(max(1, min(distinct_secrets, count)))]
     ids = unique_public_ids(count)
-    pairs = [KeyPair(pid, credentials.client_id_for(pid), distinct[i % len(distinct)]) for i, pid in enumerate(ids)]
+    pairs = [KeyPair(pid, formats.client_id_for(pid), distinct[i % len(distinct)]) for i, pid in enumerate(ids)]
     return pairs, distinct
 
 
 def new_tokens(count: int) -> list[Token]:
-    return [Token(pid, credentials.generate_token(pid)) for pid in unique_public_ids(count)]
+    return [Token(pid, formats.generate_token(pid)) for pid in unique_public_ids(count)]
 
 
 def unique_public_ids(count: int) -> list[str]:
     ids: set[str] = set()
     while len(ids) < count:
-        ids.add(credentials.new_public_id())
+        ids.add(formats.new_public_id())
     return list(ids)
 
 

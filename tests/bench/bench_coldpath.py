@@ -140,7 +140,7 @@ def section(figures: list[dict[str, Any]], count: int, distinct: int, hashing_se
     lines = [
         f"{count} key pairs, never seen by any gateway (not in memory or Redis), written into Postgres with "
         f"COPY; {distinct} distinct secrets among them, each a real argon2id hash made by the harness with "
-        f"gateway.hashing and the configured parameters ({hashing_seconds:.1f} s in a process pool). Every "
+        f"gateway.core.hashing and the configured parameters ({hashing_seconds:.1f} s in a process pool). Every "
         "credential has its own id, so every first use is a full cold path (Redis miss, store read, argon2id), "
         f"whatever its secret. wrk (-c{conns}, {seconds:g} s, no warm-up) rotates through them (conf/rotate.lua) "
         "presenting accessKey/secretKey. After wrk stops, the harness waits for the argon2 count "

@@ -34,8 +34,8 @@ def fill(count: int) -> Any:
     from datetime import UTC, datetime, timedelta
 
     from gateway.cache import CachedCredential, MemoryCache
+    from gateway.core.store import AuthRecord
     from gateway.headers import identity_block, make_policy
-    from gateway.store import AuthRecord
 
     names = ["X-Auth-User-Id", "X-Auth-User", "X-Auth-Groups", "X-Auth-Credential-Id", "X-Auth-Credential-Name",
              "X-Auth-Method"]

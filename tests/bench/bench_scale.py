@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from gateway import store
+from gateway.core import store
 from tests.bench import bench_bulk
 from tests.bench.bench_servers import log
 

@@ -144,7 +144,7 @@ def open_stores(work: Path, *, force_embedded: bool = False) -> Stores:
         admin_url = LOCAL_PG
         described.append("local PostgreSQL 127.0.0.1:5432")
     else:
-        from admin.embedded import EmbeddedPostgres
+        from admin.devenv.embedded import EmbeddedPostgres
 
         pg = EmbeddedPostgres(work / "pg")
         pg.start()
@@ -155,7 +155,7 @@ def open_stores(work: Path, *, force_embedded: bool = False) -> Stores:
         redis_url = f"redis://127.0.0.1:6379/{BENCH_REDIS_DB}"
         described.append(f"local Redis 127.0.0.1:6379 db {BENCH_REDIS_DB}")
     else:
-        from admin.embedded import EmbeddedRedis
+        from admin.devenv.embedded import EmbeddedRedis
 
         rd = EmbeddedRedis(work / "redis")
         rd.start()

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from gateway import store
-from gateway.settings import Settings
-from gateway.store import Pool
-from tests.test_admin_support import World, build_world, world
+from gateway.core import store
+from gateway.core.settings import Settings
+from gateway.core.store import Pool
+from tests.admin.world import World, build_world, world
 
 __all__ = ["world"]
 
@@ -107,7 +107,7 @@ async def test_unknown_wrong_malformed_and_revoked_credentials_get_the_same_401(
     issued = await world.credential("alice")
     token = str(issued.token)
     wrong = token[:16] + ("A" if token[16] != "A" else "B") + token[17:]
-    from gateway.credentials import generate_token, new_public_id
+    from gateway.core.formats import generate_token, new_public_id
     unknown = generate_token(new_public_id())
     await world.call("DELETE", f"/api/v1/credentials/{issued.credential['id']}", "root")
     bodies = set()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import Secret, SecretURL, SettingsError, load_settings
+from gateway.core.settings import Secret, SecretURL, SettingsError, load_settings
 
 KEY = "k" * 40
 BASE_ENV = {"CREDGATE_SECRET_KEY": KEY, "CREDGATE_DATABASE_URL": "postgresql://u:pw@127.0.0.1:5432/db"}

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.proxy import ProxyLimits
-from tests.test_proxy import (
+from tests.gateway.test_proxy import (
     LOOPS,
     OK_REPLY,
     ForwardingHandler,

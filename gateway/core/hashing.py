@@ -15,14 +15,18 @@ from typing import TypeVar
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from gateway.core.settings import Argon2Settings
+
 __all__ = [
     "Argon2Busy",
     "Argon2Params",
     "Argon2Pool",
     "digests_equal",
     "hash_secret",
+    "hasher_from",
     "make_hasher",
     "needs_rehash",
+    "pool_from",
     "secret_digest",
     "verify_hash",
 ]
@@ -53,6 +57,18 @@ def make_hasher(params: Argon2Params) -> PasswordHasher:
         salt_len=16,
         type=Type.ID,
     )
+
+
+def hasher_from(settings: Argon2Settings) -> PasswordHasher:
+    """The deployment's argon2id hasher: every process that hashes or verifies builds it here."""
+    return make_hasher(Argon2Params(settings.memory_kib, settings.time_cost, settings.parallelism))
+
+
+def pool_from(settings: Argon2Settings, observer: Callable[[float], None] | None = None) -> Argon2Pool:
+    """The deployment's bounded argon2id worker pool (off the event loop, `concurrency` at once)."""
+    pool = Argon2Pool(hasher_from(settings), concurrency=settings.concurrency, queue_limit=settings.queue_limit)
+    pool.observer = observer
+    return pool
 
 
 def hash_secret(hasher: PasswordHasher, secret: str) -> str:

@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 def migration_files() -> list[tuple[str, str]]:
     """(version, sql) for every shipped migration, in order."""
-    folder = resources.files("gateway").joinpath("migrations")
+    folder = resources.files("gateway.core").joinpath("migrations")
     names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".sql"))
     return [(name.removesuffix(".sql"), folder.joinpath(name).read_text(encoding="utf-8")) for name in names]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_admin_support import PASSWORDS, World, unique, world
+from tests.admin.world import PASSWORDS, World, unique, world
 
 __all__ = ["world"]
 

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.cache import credential_key
-from gateway.credentials import generate_token, new_public_id
+from gateway.core.formats import generate_token, new_public_id
 from tests.support import (
     GatewayProcess,
     Upstream,

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from gateway import credentials
+from gateway.core import formats
 
 
 def run(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -31,10 +31,10 @@ async def test_token_lifecycle_and_no_plaintext(env: dict[str, str], database_ur
     created = run_json(env, "credentials", "create", "--owner", "svc-report", "--kind", "token", "--name", "nightly")
     token = created["token"]
     assert len(token) == 48 and created["kind"] == "token" and created["expires_at"]
-    parsed = credentials.parse_token(token)
+    parsed = formats.parse_token(token)
     assert parsed is not None and parsed.public_id == created["id"]
     flipped = token[:20] + ("A" if token[20] != "A" else "B") + token[21:]
-    assert credentials.parse_token(flipped) is None
+    assert formats.parse_token(flipped) is None
 
     conn = await asyncpg.connect(database_url)
     try:
@@ -72,8 +72,8 @@ async def test_key_pair_users_and_policy(env: dict[str, str], database_url: str)
     assert admin["is_admin"] and len(admin["password"]) >= 16
     run(env, "users", "create", "alice")
     key = run_json(env, "credentials", "create", "--owner", "alice", "--kind", "key", "--expires-in", "7")
-    assert credentials.parse_client_id(key["client_id"]) == key["id"]
-    assert credentials.parse_key_secret(key["secret"]) == key["secret"]
+    assert formats.parse_client_id(key["client_id"]) == key["id"]
+    assert formats.parse_key_secret(key["secret"]) == key["secret"]
     too_long = run(env, "credentials", "create", "--owner", "alice", "--kind", "key", "--expires-in", "400", ok=False)
     assert too_long.returncode == 1 and "365 days" in too_long.stderr
     never = run(env, "credentials", "create", "--owner", "alice", "--kind", "token", "--expires-in", "never", ok=False)

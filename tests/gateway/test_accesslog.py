@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from gateway.accesslog import FIELDS, AccessLog, rfc3339
-from gateway.credentials import generate_key_secret, generate_token
+from gateway.core.formats import generate_key_secret, generate_token
 from tests.support import Upstream, cli, free_port, running_gateway, write_config
 
 ATTRIBUTION = {"time", "request_id", "client", "method", "route", "path", "status", "bytes", "duration_ms",

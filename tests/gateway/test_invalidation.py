@@ -106,7 +106,7 @@ async def test_throttle_bounds_argon2_runs(env: dict[str, str], upstream: Upstre
     )
     await cli(env, "users", "create", "svc", "--service")
     key: dict[str, Any] = json.loads(await cli(env, "credentials", "create", "--owner", "svc", "--kind", "key"))
-    from gateway.credentials import generate_key_secret
+    from gateway.core.formats import generate_key_secret
 
     async with running_gateway(env, config, tmp_path, workers=2) as gw:
         statuses: list[int] = []

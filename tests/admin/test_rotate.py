@@ -7,9 +7,9 @@ import asyncio
 from pytest_aiohttp import AiohttpClient
 
 from admin.app import create_app
-from gateway.settings import Settings
-from gateway.store import Pool
-from tests.test_admin_support import World, world
+from gateway.core.settings import Settings
+from gateway.core.store import Pool
+from tests.admin.world import World, world
 
 __all__ = ["world"]
 

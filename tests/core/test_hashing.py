@@ -1,4 +1,4 @@
-"""Tests for gateway.hashing: argon2id parameters, verification, digests and the bounded pool."""
+"""Tests for gateway.core.hashing: argon2id parameters, verification, digests and the bounded pool."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Literal
 import pytest
 from argon2 import PasswordHasher
 
-from gateway.hashing import (
+from gateway.core.hashing import (
     Argon2Busy,
     Argon2Params,
     Argon2Pool,

@@ -11,7 +11,7 @@ from openapi_spec_validator import validate
 
 from admin import openapi
 from admin.app import API, ROUTES
-from tests.test_admin_support import World, world
+from tests.admin.world import World, world
 
 __all__ = ["world"]
 

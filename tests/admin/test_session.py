@@ -8,9 +8,9 @@ from typing import Any
 
 from pytest_aiohttp import AiohttpClient
 
-from gateway.settings import Settings
-from gateway.store import Pool
-from tests.test_admin_support import PASSWORDS, World, build_world, world
+from gateway.core.settings import Settings
+from gateway.core.store import Pool
+from tests.admin.world import PASSWORDS, World, build_world, world
 
 __all__ = ["world"]
 
@@ -152,3 +152,12 @@ async def test_an_admin_password_reset_ends_the_users_sessions(world: World) -> 
     assert reset.status == 200
     assert (await world.call("GET", "/api/v1/session", headers=cookie_header(cookie))).status == 401
     await world.login("alice", reset.body["password"])
+
+
+async def test_world_callers_authenticate(world: World) -> None:
+    for who, admin in (("root", True), ("alice", False), ("svc", False)):
+        reply = await world.call("GET", "/api/v1/session", who)
+        assert reply.status == 200, reply.text
+        assert reply.body["user"]["name"] == who
+        assert reply.body["user"]["is_admin"] is admin
+        assert reply.body["auth_method"] == "bearer"

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from tests.test_admin_support import World, world
+from tests.admin.world import World, world
 
 __all__ = ["world"]
 

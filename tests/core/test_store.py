@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway import store
+from gateway.core import store
 
 
 async def test_migrate_twice_is_a_no_op(empty_database_url: str) -> None:

@@ -1,4 +1,4 @@
-"""Tests for gateway.credentials: formats, checksums and parser robustness."""
+"""Tests for gateway.core.formats: formats, checksums and parser robustness."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.credentials import (
+from gateway.core.formats import (
     ALPHABET,
     CLIENT_ID_LENGTH,
     KEY_SECRET_LENGTH,

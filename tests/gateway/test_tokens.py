@@ -15,14 +15,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from admin import lifecycle
-from admin.cli import make_hash_secret
-from gateway import hashing, store
 from gateway.auth import Authenticator
 from gateway.cache import CachedCredential, MemoryCache, RedisTier, credential_key, fingerprint
-from gateway.credentials import generate_token, new_public_id
+from gateway.core import hashing, store
+from gateway.core.formats import generate_token, new_public_id
+from gateway.core.settings import Settings
 from gateway.denylist import MAX_REVOKED_PER_CREDENTIAL, TokenDenylist
 from gateway.extract import PresentedAccessToken, Refusal, extract
-from gateway.settings import Settings
 from gateway.throttle import FailureThrottle
 from gateway.tokens import (
     ACCESS_TOKEN_PREFIX,
@@ -248,7 +247,7 @@ async def authenticator(settings: Settings, pool: Any) -> AsyncIterator[Authenti
 
 async def key_pair(pool: Any, settings: Settings) -> lifecycle.IssuedSecret:
     actor = store.Actor("cli:test")
-    hash_secret = make_hash_secret(settings)
+    hash_secret = lifecycle.secret_hasher(settings.argon2)
     await lifecycle.create_group(pool, actor, "finance")
     await lifecycle.create_principal(pool, actor, hash_secret, "svc", service=True, groups=["finance"])
     return await lifecycle.create_credential(pool, actor, hash_secret, settings.policy, owner="svc", kind="key")

@@ -21,12 +21,12 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "The httpx module is deprecated")
     from authlib.integrations.httpx_client import AsyncOAuth2Client
 from admin import lifecycle
-from admin.cli import make_hash_secret
-from gateway import hashing, store
 from gateway.app import Note
 from gateway.auth import Authenticator
 from gateway.cache import MemoryCache, RedisTier
-from gateway.credentials import client_id_for, generate_key_secret, new_public_id
+from gateway.core import hashing, store
+from gateway.core.formats import client_id_for, generate_key_secret, new_public_id
+from gateway.core.settings import Settings
 from gateway.denylist import TokenDenylist
 from gateway.headers import make_policy
 from gateway.oauth import (
@@ -39,7 +39,6 @@ from gateway.oauth import (
     parse_scope,
 )
 from gateway.proxy import Exchange, Respond
-from gateway.settings import Settings
 from gateway.throttle import FailureThrottle
 from gateway.tokens import AccessTokenVerifier, Grant, SigningKeys
 from tests.conftest import TEST_SECRET_KEY
@@ -471,7 +470,7 @@ def test_form_and_client_parsing() -> None:
 
 async def test_endpoints_in_process(settings: Settings, pool: Any) -> None:
     actor = store.Actor("cli:test")
-    hash_secret = make_hash_secret(settings)
+    hash_secret = lifecycle.secret_hasher(settings.argon2)
     await lifecycle.create_group(pool, actor, "finance")
     await lifecycle.create_principal(pool, actor, hash_secret, "svc", service=True, groups=["finance"])
     key = (await lifecycle.create_credential(pool, actor, hash_secret, settings.policy, owner="svc",

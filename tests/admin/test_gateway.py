@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.admin.world import World, world
 from tests.support import GatewayProcess, Upstream, running_gateway, write_config
-from tests.test_admin_support import World, world
 
 __all__ = ["world"]
 

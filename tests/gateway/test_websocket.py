@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.credentials import generate_token
+from gateway.core.formats import generate_token
 from tests.support import Upstream, running_gateway, write_config
 from tests.support_faults import RawResponse, bearer, create_token, raw_exchange, scripted_upstream
 

@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from admin import lifecycle
-from gateway import credentials, store
-from gateway.settings import Settings, SettingsError, load_settings, parse_listen, redact_url
+from gateway.core import formats, store
+from gateway.core.settings import Settings, SettingsError, load_settings, parse_listen, redact_url
 
 DEMO_SERVICE = "demo-service"
 DEMO_ADMIN = "admin"
@@ -61,7 +61,7 @@ def run_up(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir or os.environ.get("CREDGATE_DATA_DIR") or raw.get("data_dir") or ".credgate")
     data_dir.mkdir(parents=True, exist_ok=True)
     _ensure_secret_key(raw)
-    from admin.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, stop_all
+    from admin.devenv.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, stop_all
 
     started: list[Any] = []
     try:
@@ -103,11 +103,10 @@ def run_up(args: argparse.Namespace) -> int:
 
 async def _bootstrap(settings: Settings, data_dir: Path) -> tuple[str, str]:
     """Migrate; make sure the demo admin, group, service account and token exist. Returns (password, token)."""
-    from admin.cli import cli_actor, make_hash_secret
 
     pool = await store.create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
-    hash_secret = make_hash_secret(settings)
-    actor = cli_actor()
+    hash_secret = lifecycle.secret_hasher(settings.argon2)
+    actor = lifecycle.cli_actor()
     try:
         async with pool.acquire() as conn:
             applied = await store.migrate(conn)
@@ -137,7 +136,7 @@ async def _demo_token(
     token_file = data_dir / "demo-token"
     with contextlib.suppress(OSError):
         token = token_file.read_text().strip()
-        parsed = credentials.parse_token(token)
+        parsed = formats.parse_token(token)
         if parsed is not None:
             async with pool.acquire() as conn:
                 row = await conn.fetchrow(store.CREDENTIAL_BY_PUBLIC_ID, parsed.public_id)
@@ -154,7 +153,7 @@ async def _demo_token(
 
 
 async def _run(settings: Settings, config: str | None) -> int:
-    from admin.demo_upstream import start_demo_upstream
+    from admin.devenv.demo_upstream import start_demo_upstream
 
     data_dir = Path(settings.data_dir)
     try:

@@ -18,8 +18,8 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from admin.demo_upstream import start_demo_upstream
-from admin.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
+from admin.devenv.demo_upstream import start_demo_upstream
+from admin.devenv.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,7 +157,7 @@ def test_servers_die_with_a_crashed_parent(tmp_path: Path) -> None:
         f"""
         import json, sys, time
         from pathlib import Path
-        from admin.embedded import EmbeddedPostgres, EmbeddedRedis
+        from admin.devenv.embedded import EmbeddedPostgres, EmbeddedRedis
         pg = EmbeddedPostgres(Path({str(tmp_path / "pg")!r}))
         pg.start()
         rd = EmbeddedRedis(Path({str(tmp_path / "redis")!r}))

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.credentials import generate_key_secret, generate_token
+from gateway.core.formats import generate_key_secret, generate_token
 from gateway.metrics import GatewayMetrics
 from tests.support import Upstream, cli, free_port, running_gateway, scrape, write_config
 

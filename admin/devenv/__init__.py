@@ -1,0 +1,1 @@
+"""Developer environment: embedded Postgres and Redis, `credgate up` and the demo upstream."""

@@ -1,0 +1,1 @@
+"""What both services share: settings, the store and its migrations, credential formats, hashing, logging, errors."""
