@@ -1,0 +1,1 @@
+"""The admin service and the credgate command; admin.devenv is the developer environment."""

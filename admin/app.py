@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import traceback
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
@@ -24,6 +22,7 @@ from admin.views import audit, credentials, groups, session, users
 from admin.views.common import SERVICES, Services
 from gateway.core import hashing, store
 from gateway.core.errors import STORE_UNAVAILABLE
+from gateway.core.request_id import request_id_text
 from gateway.core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -33,12 +32,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 API = "/api/v1"
 # Expired sessions, old login failures and old idempotency keys are deleted this often.
 MAINTENANCE_SECONDS = 60.0
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # A constraint the lifecycle did not pre-check only trips when another request changed the same rows
 # meanwhile (e.g. a group deleted while a member is added): the client may simply retry.
 CONCURRENT_CHANGES = (asyncpg.IntegrityConstraintViolationError, asyncpg.TransactionRollbackError)
-# The newest table the admin service needs: absent means `credgate migrate` has not run.
-SCHEMA_CHECK = "SELECT to_regclass('admin_idempotency_keys') IS NOT NULL"
 
 
 async def openapi_document(request: web.Request) -> web.Response:
@@ -48,7 +44,7 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     async with request.app[SERVICES].pool.acquire() as conn:
-        await conn.fetchval("SELECT 1")
+        await conn.fetchval(store.PING)
     return json_response({"status": "ok"})
 
 
@@ -90,8 +86,7 @@ class SchemaMissing(RuntimeError):
 
 
 def _request_id(request: web.Request) -> str:
-    sent = request.headers.get("X-Request-Id", "")
-    return sent if _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+    return request_id_text(request.headers.get("X-Request-Id", ""))
 
 
 def _route_label(request: web.Request) -> str:
@@ -177,7 +172,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
                                            max_size=settings.database_pool_size)
             stack.push_async_callback(pool.close)
             async with pool.acquire() as conn:
-                if not await conn.fetchval(SCHEMA_CHECK):
+                if not await conn.fetchval(store.SCHEMA_CHECK):
                     raise SchemaMissing("the database schema is not up to date; run `credgate migrate` first")
             argon2 = hashing.pool_from(settings.argon2)
             stack.push_async_callback(asyncio.to_thread, argon2.close)

@@ -19,9 +19,12 @@ import asyncpg
 
 from gateway.core import formats, hashing, store
 from gateway.core.settings import Argon2Settings, PolicySettings
-from gateway.core.store import Actor, Connection, Pool
+from gateway.core.store import Actor, Connection, Pool, Record
 
 HashSecret = Callable[[str], Awaitable[str]]
+
+MIN_PASSWORD_LENGTH = 12
+MAX_CREDENTIAL_NAME_LENGTH = 200
 
 
 def secret_hasher(settings: Argon2Settings) -> HashSecret:
@@ -41,7 +44,6 @@ def cli_actor() -> Actor:
     except (KeyError, OSError):
         user = f"uid{os.getuid()}"
     return Actor(label=f"cli:{user}", auth_method="cli", source="cli")
-
 
 
 class LifecycleError(Exception):
@@ -75,13 +77,8 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
-def resolve_expiry(
-    policy: PolicySettings,
-    *,
-    expires_in_days: int | Literal["never"] | None = None,
-    expires_at: datetime | None = None,
-    now: datetime | None = None,
-) -> datetime | None:
+def resolve_expiry(policy: PolicySettings, *, expires_in_days: int | Literal["never"] | None = None,
+                   expires_at: datetime | None = None, now: datetime | None = None) -> datetime | None:
     """The expiry time a new or edited credential gets, enforcing the policy's default and maximum."""
     now = now or now_utc()
     if expires_in_days is not None and expires_at is not None:
@@ -128,64 +125,53 @@ def generate_password() -> str:
     return secrets.token_urlsafe(18)
 
 
-def public_principal(row: Any, groups: Sequence[str] | None = None) -> dict[str, Any]:
+def _check_password(password: str | None) -> None:
+    if password is not None and len(password) < MIN_PASSWORD_LENGTH:
+        raise LifecycleError(f"password must be at least {MIN_PASSWORD_LENGTH} characters", "password")
+
+
+def public_principal(row: Record, groups: Sequence[str] | None = None) -> dict[str, Any]:
     """A principal as shown to clients: never its password hash."""
     data = {k: row[k] for k in ("id", "name", "kind", "is_admin", "disabled", "created_at")}
     data["groups"] = list(groups if groups is not None else row.get("groups") or [])
     return data
 
 
-async def get_principal(conn: Connection, name: str) -> Any:
+async def get_principal(conn: Connection, name: str) -> Record:
     row = await conn.fetchrow(store.PRINCIPAL_BY_NAME, name)
     if row is None:
         raise NotFound(f"no user or service account named {name!r}", "name")
     return row
 
 
-async def create_principal(
-    pool: Pool,
-    actor: Actor,
-    hash_secret: HashSecret,
-    name: str,
-    *,
-    service: bool = False,
-    admin: bool = False,
-    groups: Sequence[str] = (),
-    password: str | None = None,
-    generate: bool = False,
-) -> NewPrincipal:
+async def create_principal(pool: Pool, actor: Actor, hash_secret: HashSecret, name: str, *, service: bool = False,
+                           admin: bool = False, groups: Sequence[str] = (), password: str | None = None,
+                           generate: bool = False) -> NewPrincipal:
     """Create a user or service account; an interactive user may get a generated password (shown once)."""
     if service and (password or generate):
         raise LifecycleError("service accounts never log in with a password", "password")
-    if password is not None and len(password) < 12:
-        raise LifecycleError("password must be at least 12 characters", "password")
+    _check_password(password)
     if generate and password is None:
         password = generate_password()
     password_hash = await hash_secret(password) if password else None
     async with pool.acquire() as conn, conn.transaction():
         try:
-            row = await conn.fetchrow(
-                store.INSERT_PRINCIPAL, name, "service" if service else "user", admin, password_hash
-            )
+            row = await conn.fetchrow(store.INSERT_PRINCIPAL, name, "service" if service else "user", admin,
+                                      password_hash)
         except asyncpg.UniqueViolationError:
             raise Conflict(f"a principal named {name!r} already exists", "name") from None
         except asyncpg.CheckViolationError:
             raise LifecycleError(
                 "name must be 1-128 characters of letters, digits and . _ @ - starting with a letter or digit", "name"
             ) from None
+        assert row is not None  # INSERT ... RETURNING gives the new row
         for group in groups:
             g = await conn.fetchrow(store.GROUP_BY_NAME, group)
             if g is None:
                 raise NotFound(f"no group named {group!r}; create it first", "groups")
             await conn.execute(store.ADD_MEMBER, row["id"], g["id"])
-        await store.write_audit(
-            conn,
-            actor,
-            "principal.create",
-            "principal",
-            name,
-            {"kind": row["kind"], "is_admin": admin, "groups": list(groups), "password_set": password is not None},
-        )
+        await store.write_audit(conn, actor, "principal.create", "principal", name, {
+            "kind": row["kind"], "is_admin": admin, "groups": list(groups), "password_set": password is not None})
     return NewPrincipal(public_principal(row, sorted(groups)), password)
 
 
@@ -193,14 +179,9 @@ async def set_disabled(pool: Pool, actor: Actor, name: str, disabled: bool) -> d
     async with pool.acquire() as conn, conn.transaction():
         row = await get_principal(conn, name)
         updated = await conn.fetchrow(store.SET_PRINCIPAL_DISABLED, row["id"], disabled)
-        await store.write_audit(
-            conn,
-            actor,
-            "principal.disable" if disabled else "principal.enable",
-            "principal",
-            name,
-            {"disabled": {"before": row["disabled"], "after": disabled}},
-        )
+        assert updated is not None  # principals are never deleted from the table, only marked deleted
+        await store.write_audit(conn, actor, "principal.disable" if disabled else "principal.enable", "principal",
+                                name, {"disabled": {"before": row["disabled"], "after": disabled}})
         groups = [r[0] for r in await conn.fetch(store.PRINCIPAL_GROUPS, row["id"])]
     return public_principal(updated, groups)
 
@@ -215,12 +196,10 @@ async def delete_principal(pool: Pool, actor: Actor, name: str) -> list[str]:
     return revoked
 
 
-async def reset_password(
-    pool: Pool, actor: Actor, hash_secret: HashSecret, name: str, new_password: str | None = None
-) -> str:
+async def reset_password(pool: Pool, actor: Actor, hash_secret: HashSecret, name: str,
+                         new_password: str | None = None) -> str:
     """Set an interactive user's password (generated when not given); returns it, shown once."""
-    if new_password is not None and len(new_password) < 12:
-        raise LifecycleError("password must be at least 12 characters", "password")
+    _check_password(new_password)
     password = new_password or generate_password()
     password_hash = await hash_secret(password)
     async with pool.acquire() as conn, conn.transaction():
@@ -243,6 +222,7 @@ async def create_group(pool: Pool, actor: Actor, name: str, description: str = "
             raise Conflict(f"a group named {name!r} already exists", "name") from None
         except asyncpg.CheckViolationError:
             raise LifecycleError("group name must be 1-64 characters of letters, digits and . _ : -", "name") from None
+        assert row is not None  # INSERT ... RETURNING gives the new row
         await store.write_audit(conn, actor, "group.create", "group", name, {"description": description})
     return {"id": row["id"], "name": row["name"], "description": row["description"], "members": []}
 
@@ -266,14 +246,8 @@ async def change_membership(pool: Pool, actor: Actor, group_name: str, principal
         principal = await get_principal(conn, principal_name)
         changed = await conn.fetchval(store.ADD_MEMBER if add else store.REMOVE_MEMBER, principal["id"], group["id"])
         if changed is not None:
-            await store.write_audit(
-                conn,
-                actor,
-                "group.add_member" if add else "group.remove_member",
-                "group",
-                group_name,
-                {"member": principal_name},
-            )
+            await store.write_audit(conn, actor, "group.add_member" if add else "group.remove_member", "group",
+                                    group_name, {"member": principal_name})
     return changed is not None
 
 
@@ -302,9 +276,10 @@ class IssuedSecret:
         return out
 
 
-def public_credential(row: Any, now: datetime | None = None) -> dict[str, Any]:
+def public_credential(row: Record, now: datetime | None = None) -> dict[str, Any]:
     """A credential as shown to clients: never a secret or hash."""
     now = now or now_utc()
+    grace_end = row["previous_expires_at"]  # the previous secret works until then (after a rotation)
     data = {
         "id": row["public_id"],
         "kind": row["kind"],
@@ -316,9 +291,7 @@ def public_credential(row: Any, now: datetime | None = None) -> dict[str, Any]:
         "revoked_at": row["revoked_at"],
         "last_used_at": row["last_used_at"],
         "rotated_at": row["rotated_at"],
-        "previous_secret_expires_at": row["previous_expires_at"]
-        if row["previous_expires_at"] and row["previous_expires_at"] > now
-        else None,
+        "previous_secret_expires_at": grace_end if grace_end and grace_end > now else None,
         "status": store.credential_status(row, now),
     }
     if row["kind"] == "key":
@@ -326,11 +299,16 @@ def public_credential(row: Any, now: datetime | None = None) -> dict[str, Any]:
     return data
 
 
-async def get_credential(conn: Connection, public_id: str) -> Any:
+async def get_credential(conn: Connection, public_id: str) -> Record:
     row = await conn.fetchrow(store.CREDENTIAL_BY_PUBLIC_ID, public_id) if formats.is_public_id(public_id) else None
     if row is None:
         raise NotFound(f"no credential {public_id!r}", "id")
     return row
+
+
+def _check_credential_name(name: str) -> None:
+    if len(name) > MAX_CREDENTIAL_NAME_LENGTH:
+        raise LifecycleError(f"name must be at most {MAX_CREDENTIAL_NAME_LENGTH} characters", "name")
 
 
 def _new_secret(kind: str, public_id: str) -> tuple[str, dict[str, str]]:
@@ -341,84 +319,42 @@ def _new_secret(kind: str, public_id: str) -> tuple[str, dict[str, str]]:
     return secret, {"client_id": formats.client_id_for(public_id), "secret": secret}
 
 
-async def create_credential(
-    pool: Pool,
-    actor: Actor,
-    hash_secret: HashSecret,
-    policy: PolicySettings,
-    *,
-    owner: str,
-    kind: str,
-    name: str = "",
-    expires_in_days: int | Literal["never"] | None = None,
-    expires_at: datetime | None = None,
-) -> IssuedSecret:
+async def create_credential(pool: Pool, actor: Actor, hash_secret: HashSecret, policy: PolicySettings, *, owner: str,
+                            kind: str, name: str = "", expires_in_days: int | Literal["never"] | None = None,
+                            expires_at: datetime | None = None) -> IssuedSecret:
     if kind not in ("token", "key"):
         raise LifecycleError('kind must be "token" or "key"', "kind")
-    if len(name) > 200:
-        raise LifecycleError("name must be at most 200 characters", "name")
+    _check_credential_name(name)
     expiry = resolve_expiry(policy, expires_in_days=expires_in_days, expires_at=expires_at)
     public_id = formats.new_public_id()
     secret, shown = _new_secret(kind, public_id)
     secret_hash = await hash_secret(secret)
     async with pool.acquire() as conn, conn.transaction():
         owner_row = await get_principal(conn, owner)
-        await conn.execute(
-            store.INSERT_CREDENTIAL,
-            public_id,
-            kind,
-            secret_hash,
-            name,
-            owner_row["id"],
-            actor.principal_id,
-            actor.label,
-            expiry,
-        )
-        await store.write_audit(
-            conn,
-            actor,
-            "credential.create",
-            "credential",
-            public_id,
-            {"kind": kind, "name": name, "owner": owner, "expires_at": expiry},
-        )
+        await conn.execute(store.INSERT_CREDENTIAL, public_id, kind, secret_hash, name, owner_row["id"],
+                           actor.principal_id, actor.label, expiry)
+        await store.write_audit(conn, actor, "credential.create", "credential", public_id,
+                                {"kind": kind, "name": name, "owner": owner, "expires_at": expiry})
         row = await get_credential(conn, public_id)
     return IssuedSecret(public_credential(row), **shown)
 
 
-async def rotate_credential(
-    pool: Pool,
-    actor: Actor,
-    hash_secret: HashSecret,
-    public_id: str,
-    grace_seconds: int = 0,
-    max_grace_seconds: int = 7 * 86400,
-) -> IssuedSecret:
+async def rotate_credential(pool: Pool, actor: Actor, hash_secret: HashSecret, public_id: str, grace_seconds: int = 0,
+                            max_grace_seconds: int = 7 * 86400) -> IssuedSecret:
     """New secret, same id; the old secret stops now or after grace_seconds."""
-    if (
-        isinstance(grace_seconds, bool)
-        or not isinstance(grace_seconds, int)
-        or not 0 <= grace_seconds <= max_grace_seconds
-    ):
+    if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, int) or \
+            not 0 <= grace_seconds <= max_grace_seconds:
         raise LifecycleError(f"grace_seconds must be an integer from 0 to {max_grace_seconds}", "grace_seconds")
     async with pool.acquire() as conn:
         row = await get_credential(conn, public_id)
     secret, shown = _new_secret(row["kind"], public_id)
     secret_hash = await hash_secret(secret)
     async with pool.acquire() as conn, conn.transaction():
-        grace_until = (
-            await conn.fetchval("SELECT now() + make_interval(secs => $1)", grace_seconds) if grace_seconds else None
-        )
+        grace_until = await conn.fetchval(store.NOW_PLUS_SECONDS, grace_seconds) if grace_seconds else None
         if await conn.fetchval(store.ROTATE_CREDENTIAL, public_id, secret_hash, grace_until) is None:
             raise Conflict(f"credential {public_id!r} is revoked and cannot be rotated", "id")
-        await store.write_audit(
-            conn,
-            actor,
-            "credential.rotate",
-            "credential",
-            public_id,
-            {"grace_seconds": grace_seconds, "previous_secret_expires_at": grace_until},
-        )
+        await store.write_audit(conn, actor, "credential.rotate", "credential", public_id,
+                                {"grace_seconds": grace_seconds, "previous_secret_expires_at": grace_until})
         row = await get_credential(conn, public_id)
     return IssuedSecret(public_credential(row), **shown)
 
@@ -429,37 +365,22 @@ async def revoke_credential(pool: Pool, actor: Actor, public_id: str) -> dict[st
         row = await get_credential(conn, public_id)
         if row["revoked_at"] is None:
             await conn.execute(store.REVOKE_CREDENTIAL, public_id)
-            await store.write_audit(
-                conn,
-                actor,
-                "credential.revoke",
-                "credential",
-                public_id,
-                {"status": {"before": store.credential_status(row, now_utc()), "after": "revoked"}},
-            )
+            await store.write_audit(conn, actor, "credential.revoke", "credential", public_id,
+                                    {"status": {"before": store.credential_status(row, now_utc()), "after": "revoked"}})
             row = await get_credential(conn, public_id)
     return public_credential(row)
 
 
-async def update_credential(
-    pool: Pool,
-    actor: Actor,
-    policy: PolicySettings,
-    public_id: str,
-    *,
-    name: str | None = None,
-    owner: str | None = None,
-    expires_in_days: int | Literal["never"] | None = None,
-    expires_at: datetime | None = None,
-    change_expiry: bool = False,
-) -> dict[str, Any]:
+async def update_credential(pool: Pool, actor: Actor, policy: PolicySettings, public_id: str, *,
+                            name: str | None = None, owner: str | None = None,
+                            expires_in_days: int | Literal["never"] | None = None, expires_at: datetime | None = None,
+                            change_expiry: bool = False) -> dict[str, Any]:
     async with pool.acquire() as conn, conn.transaction():
         row = await get_credential(conn, public_id)
         if row["revoked_at"] is not None:
             raise Conflict(f"credential {public_id!r} is revoked and cannot be changed", "id")
         new_name = row["name"] if name is None else name
-        if len(new_name) > 200:
-            raise LifecycleError("name must be at most 200 characters", "name")
+        _check_credential_name(new_name)
         new_expiry = row["expires_at"]
         if change_expiry:
             new_expiry = resolve_expiry(policy, expires_in_days=expires_in_days, expires_at=expires_at)
@@ -482,16 +403,9 @@ async def update_credential(
     return public_credential(row)
 
 
-async def list_credentials(
-    conn: Connection,
-    *,
-    owner_id: int | None = None,
-    kind: str | None = None,
-    status: str | None = None,
-    expiring_before: datetime | None = None,
-    after_id: int = 0,
-    limit: int = 100,
-) -> tuple[list[dict[str, Any]], int | None]:
+async def list_credentials(conn: Connection, *, owner_id: int | None = None, kind: str | None = None,
+                           status: str | None = None, expiring_before: datetime | None = None, after_id: int = 0,
+                           limit: int = 100) -> tuple[list[dict[str, Any]], int | None]:
     """One page of credentials and the cursor for the next page (None at the end)."""
     rows = await conn.fetch(store.LIST_CREDENTIALS, owner_id, kind, expiring_before, status, after_id, limit + 1)
     now = now_utc()

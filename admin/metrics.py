@@ -40,6 +40,7 @@ class AdminMetrics:
     async def refresh(self, pool: Pool) -> None:
         async with pool.acquire() as conn:
             row = await conn.fetchrow(store.CREDENTIAL_GAUGES)
+        assert row is not None  # an aggregate without GROUP BY always gives one row
         for status in STATUSES:
             self.credentials.labels(status).set(row[status])
         for days in EXPIRING_WINDOWS:

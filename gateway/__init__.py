@@ -1,0 +1,1 @@
+"""The authenticating reverse proxy; gateway.core holds what it shares with the admin service."""

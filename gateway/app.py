@@ -10,65 +10,29 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 
-from gateway.accesslog import AccessLog, rfc3339
-from gateway.auth import Authenticator, Verdict
-from gateway.cache import CachedCredential
+from gateway.accesslog import AccessLog, AccessRecord, rfc3339
+from gateway.auth import Authenticator
+from gateway.core.request_id import new_request_id, valid_request_id
+from gateway.core.route_config import Route
 from gateway.core.settings import Settings
+from gateway.core.targets import normalize_target
+from gateway.entry import CachedCredential, Verdict
+from gateway.exchange import Consume, Exchange, Forward, Note, Outcome, Respond
 from gateway.extract import PresentedAccessToken, Refusal, extract
-from gateway.headers import (
-    HeaderPolicy,
-    ScannedHeaders,
-    identity_block,
-    is_websocket_upgrade,
-    new_request_id,
-    scan_request_headers,
-    upstream_request_head,
-    valid_request_id,
-)
+from gateway.grants import AccessTokenVerifier, Grant
+from gateway.headers import HeaderPolicy, ScannedHeaders, identity_block, is_websocket_upgrade, scan_request_headers
 from gateway.metrics import GatewayMetrics
-from gateway.proxy import Consume, Exchange, Forward, Outcome, Respond
-from gateway.routes import Route, RouteTable, normalize_target, upstream_path
-from gateway.tokens import AccessTokenVerifier, Grant
+from gateway.request_head import upstream_request_head
+from gateway.routes import RouteTable, upstream_path
 from gateway.usage import UsageRecorder
 
 REALM = b'realm="credgate"'
+_new_record = object.__new__
 JSON = (b"Content-Type", b"application/json")
 NO_STORE = (b"Cache-Control", b"no-store")
 
 OwnEndpoint = Callable[[Exchange], "Respond | Consume | Awaitable[Respond]"]
-
-
-class Note:
-    """Per-request facts kept for done(): what the access log and the metrics report."""
-
-    __slots__ = (
-        "creator",
-        "credential",
-        "credential_id",
-        "method",
-        "outcome",
-        "owner",
-        "path",
-        "query",
-        "reason",
-        "request_id",
-        "route",
-    )
-
-    def __init__(self, path: bytes, request_id: bytes, query: bytes = b"") -> None:
-        self.path = path
-        self.query = query
-        self.request_id = request_id
-        self.route = "-"
-        self.outcome = "none"
-        self.method = ""
-        self.reason = ""
-        self.credential = ""
-        self.credential_id = 0
-        self.owner = ""
-        self.creator = ""
 
 
 def json_body(error: str, description: str) -> bytes:
@@ -98,6 +62,9 @@ class Gateway:
         metrics: GatewayMetrics,
         usage: UsageRecorder,
         access_log: AccessLog,
+        *,
+        tokens: AccessTokenVerifier | None = None,
+        own: dict[bytes, OwnEndpoint] | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
@@ -118,9 +85,8 @@ class Gateway:
             names.method,
         )
         self.scope_header = names.scope
-        self.own: dict[bytes, OwnEndpoint] = {}
-        # Set by the runtime when OAuth2 access tokens are accepted (gateway.oauth issues them).
-        self.tokens: AccessTokenVerifier | None = None
+        self.own: dict[bytes, OwnEndpoint] = own if own is not None else {}  # the gateway's own endpoints
+        self.tokens = tokens  # OAuth2 access tokens are accepted when set (gateway.oauth issues them)
         # Tests tell workers apart by this header; off unless CREDGATE_DEBUG_WORKER_HEADER is set.
         self.worker_id = str(os.getpid()).encode() if os.environ.get("CREDGATE_DEBUG_WORKER_HEADER") else b""
 
@@ -129,8 +95,8 @@ class Gateway:
     def handle(self, ex: Exchange) -> Respond | Forward | Consume | Awaitable[Respond | Forward]:
         parsed = normalize_target(ex.target)
         if parsed is None:
-            ex.note = Note(b"-", new_request_id())
-            return self.refuse(ex, "bad_request", 400, "invalid_request", "malformed or ambiguous request path")
+            note = ex.note = Note(b"-", new_request_id())
+            return self.refuse(note, "bad_request", 400, "invalid_request", "malformed or ambiguous request path")
         path, query = parsed
         scanned = scan_request_headers(self.policy, ex.headers)
         rid = scanned.request_id
@@ -141,16 +107,16 @@ class Gateway:
             return own(ex)
         route = self.routes.match(path)
         if route is None:
-            return self.refuse(ex, "none", 404, "not_found", "no route for this path")
+            return self.refuse(note, "none", 404, "not_found", "no route for this path")
         note.route = route.name
         if scanned.upgrade is not None and not is_websocket_upgrade(scanned, ex.method):
             # h2c and other protocol switches are never tunnelled (request smuggling via h2c)
-            return self.refuse(ex, "bad_request", 400, "invalid_request", "protocol upgrade not supported")
+            return self.refuse(note, "bad_request", 400, "invalid_request", "protocol upgrade not supported")
         if not route.auth_required:
             return self.forward(ex, route, scanned, note, b"")
         found = extract(scanned.authorization, scanned.access_key, scanned.secret_key, self.tokens is not None)
         if isinstance(found, Refusal):
-            return self.refuse_credential(ex, found)
+            return self.refuse_credential(note, found)
         presented, method = found
         note.method = method
         if isinstance(presented, PresentedAccessToken):
@@ -181,7 +147,7 @@ class Gateway:
             scope = verdict.scope if isinstance(verdict, Grant) else None
             if route.groups and route.groups.isdisjoint(entry.groups if scope is None else scope):
                 return self.refuse(
-                    ex,
+                    note,
                     "forbidden",
                     403,
                     "insufficient_scope",
@@ -190,16 +156,16 @@ class Gateway:
                 )
             return self.forward(ex, route, scanned, note, self.identity(entry, method, scope), entry)
         if outcome == "invalid":
-            return self.invalid(ex, method, "the credential is invalid")
+            return self.invalid(note, method, "the credential is invalid")
         if outcome == "token_expired":
-            return self.invalid(ex, method, "the access token has expired", "expired")
+            return self.invalid(note, method, "the access token has expired", "expired")
         if outcome == "expired":
-            return self.invalid(ex, method, "the credential has expired", outcome)
+            return self.invalid(note, method, "the credential has expired", outcome)
         if outcome == "suspended":
-            return self.invalid(ex, method, "the credential's owner is suspended", outcome)
+            return self.invalid(note, method, "the credential's owner is suspended", outcome)
         if outcome == "throttled":
             return self.refuse(
-                ex,
+                note,
                 outcome,
                 429,
                 "too_many_requests",
@@ -207,7 +173,7 @@ class Gateway:
                 retry_after=verdict.retry_after,
             )
         return self.refuse(
-            ex,
+            note,
             "unavailable",
             503,
             "temporarily_unavailable",
@@ -272,19 +238,19 @@ class Gateway:
 
     # --- refusals -----------------------------------------------------------------------------------
 
-    def refuse_credential(self, ex: Exchange, refusal: Refusal) -> Respond:
+    def refuse_credential(self, note: Note, refusal: Refusal) -> Respond:
         if refusal.reason == "conflict":
             return self.refuse(
-                ex, "bad_request", 400, "invalid_request", refusal.description, challenge(b"invalid_request")
+                note, "bad_request", 400, "invalid_request", refusal.description, challenge(b"invalid_request")
             )
         if refusal.reason == "missing":
-            return self.refuse(ex, "missing", 401, "unauthorized", "a credential is required", challenge())
-        ex.note.method = refusal.method or ""  # type: ignore[attr-defined]
-        return self.invalid(ex, refusal.method or "", "the credential is invalid")
+            return self.refuse(note, "missing", 401, "unauthorized", "a credential is required", challenge())
+        note.method = refusal.method or ""
+        return self.invalid(note, refusal.method or "", "the credential is invalid")
 
-    def invalid(self, ex: Exchange, method: str, description: str, outcome: str = "invalid") -> Respond:
+    def invalid(self, note: Note, method: str, description: str, outcome: str = "invalid") -> Respond:
         respond = self.refuse(
-            ex, outcome, 401, "invalid_token", description, challenge(b"invalid_token", description.encode())
+            note, outcome, 401, "invalid_token", description, challenge(b"invalid_token", description.encode())
         )
         if method == "basic":
             respond.headers.append(BASIC_CHALLENGE)
@@ -292,7 +258,7 @@ class Gateway:
 
     def refuse(
         self,
-        ex: Exchange,
+        note: Note,
         outcome: str,
         status: int,
         error: str,
@@ -300,7 +266,6 @@ class Gateway:
         www_authenticate: bytes | None = None,
         retry_after: int = 0,
     ) -> Respond:
-        note: Note = ex.note  # type: ignore[assignment]
         note.outcome = outcome
         note.reason = error
         headers = [JSON, NO_STORE, (b"X-Request-Id", note.request_id)]
@@ -315,7 +280,25 @@ class Gateway:
     def rejected(self, client_ip: str, status: int, error: str) -> None:
         """The data plane refused a request before handle() (bad framing, limits, slow head): log and count it."""
         self.metrics.count_request("-", "OTHER", status, "bad_request")
-        self.log.request(b"-", client_ip, "-", "-", b"-", status, 0, 0.0, None, "", "bad_request", "", "", "", error)
+        if self.log.enabled:
+            record = AccessRecord(
+                request_id=b"-",
+                client=client_ip,
+                method="-",
+                route="-",
+                path=b"-",
+                status=status,
+                bytes_sent=0,
+                seconds=0.0,
+                upstream_seconds=None,
+                auth_method="",
+                auth_outcome="bad_request",
+                credential="",
+                owner="",
+                creator="",
+                reason=error,
+            )
+            self.log.request(record)
 
     def error_response(self, status: int, error: str, description: str) -> Respond:
         """Errors the data plane produces itself (400/408/413/414/431/502/504)."""
@@ -324,7 +307,7 @@ class Gateway:
     # --- after the response -------------------------------------------------------------------------
 
     def done(self, ex: Exchange, outcome: Outcome) -> None:
-        note: Note | None = ex.note  # type: ignore[assignment]
+        note = ex.note
         if note is None:
             note = Note(b"-", b"-")
         now = time.perf_counter()
@@ -336,24 +319,20 @@ class Gateway:
         if note.credential_id and note.outcome == "ok":
             self.usage.record(note.credential_id)
         if self.log.enabled:
-            self.log.request(
-                note.request_id,
-                ex.client_ip,
-                method,
-                note.route,
-                note.path,
-                outcome.status,
-                outcome.bytes_sent,
-                total,
-                outcome.upstream_seconds,
-                note.method,
-                note.outcome,
-                note.credential,
-                note.owner,
-                note.creator,
-                note.reason or outcome.error or "",
-            )
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
+            record = _new_record(AccessRecord)  # no __init__ frame per request, as for the data plane's Outcome
+            record.request_id = note.request_id
+            record.client = ex.client_ip
+            record.method = method
+            record.route = note.route
+            record.path = note.path
+            record.status = outcome.status
+            record.bytes_sent = outcome.bytes_sent
+            record.seconds = total
+            record.upstream_seconds = outcome.upstream_seconds
+            record.auth_method = note.method
+            record.auth_outcome = note.outcome
+            record.credential = note.credential
+            record.owner = note.owner
+            record.creator = note.creator
+            record.reason = note.reason or outcome.error or ""
+            self.log.request(record)

@@ -13,34 +13,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 from gateway.core import store
 from gateway.core.errors import STORE_ERRORS
+from gateway.core.tasks import background
 from gateway.tokens import AccessToken
 
 logger = logging.getLogger(__name__)
 
 # A client revoking more live tokens than this is revoking in bulk: its older tokens all go at once.
 MAX_REVOKED_PER_CREDENTIAL: Final = 100
-
-COUNT_LIVE_REVOKED = "SELECT count(*) FROM oauth_revoked_tokens WHERE public_id = $1 AND expires_at > now()"
-INSERT_REVOKED_TOKEN = """
-INSERT INTO oauth_revoked_tokens (jti, public_id, expires_at) VALUES ($1, $2, to_timestamp($3))
-ON CONFLICT (jti) DO NOTHING"""
-UPSERT_REVOKED_BEFORE = """
-INSERT INTO oauth_revoked_before (public_id, issued_before, expires_at) VALUES ($1, $2, to_timestamp($3))
-ON CONFLICT (public_id) DO UPDATE SET
-    issued_before = GREATEST(oauth_revoked_before.issued_before, EXCLUDED.issued_before),
-    expires_at = GREATEST(oauth_revoked_before.expires_at, EXCLUDED.expires_at), revoked_at = now()"""
-PRUNE_REVOKED_TOKENS = "DELETE FROM oauth_revoked_tokens WHERE expires_at <= now()"
-PRUNE_REVOKED_BEFORE = "DELETE FROM oauth_revoked_before WHERE expires_at <= now()"
-LIVE_REVOKED_TOKENS = """
-SELECT jti, extract(epoch FROM expires_at)::float8 AS exp FROM oauth_revoked_tokens WHERE expires_at > now()"""
-LIVE_REVOKED_BEFORE = """
-SELECT public_id, issued_before, extract(epoch FROM expires_at)::float8 AS exp
-FROM oauth_revoked_before WHERE expires_at > now()"""
 
 
 class TokenDenylist:
@@ -55,7 +39,6 @@ class TokenDenylist:
         self.load_failed = False  # the last load could not reach the store
         self._loaded = asyncio.Event()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def is_revoked(self, token: AccessToken) -> bool:
         if token.jti in self.tokens:
@@ -68,14 +51,11 @@ class TokenDenylist:
 
     # --- keeping up to date ---
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[TokenDenylist]:
+        """Load now and keep reloading (every `refresh` seconds, and on `resync`) for the block's duration."""
+        async with background(self._run(), "token denylist"):
+            yield self
 
     def resync(self) -> None:
         """Reload now (the invalidation channel came back: notifications may have been missed)."""
@@ -110,8 +90,8 @@ class TokenDenylist:
         """Merge the live rows into memory and drop expired entries; False when the store is unreachable."""
         try:
             async with self.pool.acquire(timeout=2.0) as conn:
-                tokens = await conn.fetch(LIVE_REVOKED_TOKENS)
-                before = await conn.fetch(LIVE_REVOKED_BEFORE)
+                tokens = await conn.fetch(store.LIVE_REVOKED_TOKENS)
+                before = await conn.fetch(store.LIVE_REVOKED_BEFORE)
         except STORE_ERRORS as exc:
             logger.warning("could not load the token denylist: %s", exc.__class__.__name__)
             self.load_failed = True
@@ -137,15 +117,15 @@ class TokenDenylist:
         """
         async with self.pool.acquire(timeout=2.0) as conn:
             async with conn.transaction():
-                live = await conn.fetchval(COUNT_LIVE_REVOKED, token.public_id)
+                live = await conn.fetchval(store.COUNT_LIVE_REVOKED, token.public_id)
                 if live < MAX_REVOKED_PER_CREDENTIAL:
-                    await conn.execute(INSERT_REVOKED_TOKEN, token.jti, token.public_id, float(token.expires_at))
+                    await conn.execute(store.INSERT_REVOKED_TOKEN, token.jti, token.public_id, float(token.expires_at))
                     event: dict[str, Any] = {"id": token.jti, "exp": token.expires_at}
                 else:
                     # covers tokens issued up to this one's iat, which live at most max_ttl from then
                     expires = max(token.expires_at, token.issued_at + max_ttl)
-                    await conn.execute(UPSERT_REVOKED_BEFORE, token.public_id, token.issued_at, float(expires))
+                    await conn.execute(store.UPSERT_REVOKED_BEFORE, token.public_id, token.issued_at, float(expires))
                     event = {"id": token.public_id, "before": token.issued_at, "exp": expires}
-            await conn.execute(PRUNE_REVOKED_TOKENS)
-            await conn.execute(PRUNE_REVOKED_BEFORE)
+            await conn.execute(store.PRUNE_REVOKED_TOKENS)
+            await conn.execute(store.PRUNE_REVOKED_BEFORE)
         self.on_event(event)

@@ -1,12 +1,15 @@
-"""Header policy for proxied traffic: strip hop-by-hop, credential and spoofed headers, then set our own."""
+"""Request header policy: one pass over the client's headers finds what the gateway interprets and strips
+hop-by-hop, credential and spoofed headers; identity_block builds the identity header lines set instead.
+gateway.request_head puts the upstream request head together from both."""
 
 from __future__ import annotations
 
 import ipaddress
-import secrets
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
+
+from gateway.wire import HOP_BY_HOP, TCHAR
 
 __all__ = [
     "HeaderPolicy",
@@ -14,11 +17,7 @@ __all__ = [
     "identity_block",
     "is_websocket_upgrade",
     "make_policy",
-    "new_request_id",
-    "response_headers_filter",
     "scan_request_headers",
-    "upstream_request_head",
-    "valid_request_id",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -28,9 +27,6 @@ HeaderPair = tuple[bytes, bytes]
 # nginx-style backends fold X_Auth_User and X-Auth-User into one HTTP_X_AUTH_USER variable, so a
 # look-alike spelling of a header the gateway interprets or sets must never reach the upstream.
 _CANON: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_.", b"abcdefghijklmnopqrstuvwxyz--")
-# RFC 9110 §5.6.2 token characters: valid header names, and Forwarded values that need no quotes.
-_TCHAR: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_REQUEST_ID_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
 
 # Where scan_request_headers collects the values of headers it interprets (index into one list).
 (
@@ -76,24 +72,9 @@ _RECORDED: Final[dict[bytes, int]] = {
     b"forwarded": _FORWARDED,
     b"via": _VIA,
 }
-_ALWAYS_DROPPED: Final = frozenset(
-    {
-        b"keep-alive",
-        b"proxy-connection",
-        b"trailer",
-        # Meant for a proxy, never for the origin; it may carry a credential for some other proxy.
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        # RFC 9110 §7.6.1 reserves "Close" as a field name so that it can be a Connection option.
-        b"close",
-        # Connection-specific setting of the h2c upgrade (RFC 7540 §3.2.1).
-        b"http2-settings",
-        # Path overrides honoured by IIS URL Rewrite and Symfony/Zend: the upstream would route on them,
-        # not on the path the gateway authorised.
-        b"x-original-url",
-        b"x-rewrite-url",
-    }
-)
+# The hop-by-hop headers not recorded above, and path overrides honoured by IIS URL Rewrite and Symfony/Zend:
+# the upstream would route on those, not on the path the gateway authorised.
+_ALWAYS_DROPPED: Final = HOP_BY_HOP.difference(_RECORDED) | {b"x-original-url", b"x-rewrite-url"}
 # Client-address and scheme hints the gateway does not set: believed only from a trusted proxy.
 _TRUSTED_ONLY: Final = frozenset(
     {
@@ -107,31 +88,12 @@ _TRUSTED_ONLY: Final = frozenset(
         b"x-forwarded-ssl",
     }
 )
-_RESPONSE_HOP_BY_HOP: Final = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"close",
-        b"http2-settings",
-    }
-)
-# The data plane frames the response with it, so a Connection option may not remove it.
-_RESPONSE_PROTECTED: Final = _RESPONSE_HOP_BY_HOP | {b"content-length"}
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 _PEER_CACHE_SIZE: Final = 4096
-# Connection values and Host values repeat; parsing them once each saves work on every request.
-# Cleared when full, so a client sending endless distinct values costs memory only up to the bound.
-_SMALL_CACHE_SIZE: Final = 256
+# Connection values repeat; parsing each once saves work on every request. Cleared when full, so a client
+# sending endless distinct values costs memory only up to the bound.
+_TOKEN_CACHE_SIZE: Final = 256
 _token_cache: dict[bytes, frozenset[bytes]] = {}
-_forwarded_value_cache: dict[bytes, bytes] = {}
-_WEBSOCKET_LINES: Final = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
 
 # How a canonical name is treated: (slot or _NOT_RECORDED, exact lowercase spelling or b"", route).
 # With an exact spelling, look-alikes (same canonical name, other spelling) are dropped unrecorded.
@@ -157,7 +119,7 @@ class HeaderPolicy:
     _kinds: dict[bytes, _Kind] = field(init=False, repr=False, compare=False)
     # Canonical names a Connection option may not remove: everything the gateway interprets or sets.
     _protected: frozenset[bytes] = field(init=False, repr=False, compare=False)
-    _via_line: bytes = field(init=False, repr=False, compare=False)
+    via_line: bytes = field(init=False, repr=False, compare=False)  # "Via: <via>\r\n"
     # client_ip -> (trusted, address for X-Forwarded-For, node for Forwarded "for="); bounded.
     _peers: dict[str, tuple[bool, bytes, bytes]] = field(init=False, repr=False, compare=False)
     _spellings: dict[bytes, _Action] = field(init=False, repr=False, compare=False)
@@ -173,7 +135,7 @@ class HeaderPolicy:
         # Every client-sent spelling of an identity header goes; identity_block sets the real one.
         configured.extend((name, (_NOT_RECORDED, b"", _DROP)) for name in self.identity_headers)
         for name, kind in configured:
-            if not name or name.translate(None, _TCHAR):
+            if not name or name.translate(None, TCHAR):
                 raise ValueError(f"header name {name!r} is not a valid HTTP field name")
             canonical = name.translate(_CANON)
             if canonical in kinds:
@@ -187,7 +149,7 @@ class HeaderPolicy:
         protected = frozenset(name for name, kind in kinds.items() if kind[2] != _IF_TRUSTED)
         object.__setattr__(self, "_kinds", kinds)
         object.__setattr__(self, "_protected", protected)
-        object.__setattr__(self, "_via_line", b"Via: " + self.via + b"\r\n")
+        object.__setattr__(self, "via_line", b"Via: " + self.via + b"\r\n")
         object.__setattr__(self, "_peers", {})
         object.__setattr__(self, "_spellings", {})
 
@@ -352,7 +314,7 @@ def _connection_tokens(values: tuple[bytes, ...]) -> frozenset[bytes]:
         tokens = _token_cache.get(values[0])
         if tokens is None:
             tokens = _parse_tokens(values)
-            if len(_token_cache) >= _SMALL_CACHE_SIZE:
+            if len(_token_cache) >= _TOKEN_CACHE_SIZE:
                 _token_cache.clear()
             _token_cache[values[0]] = tokens
         return tokens
@@ -372,135 +334,6 @@ def is_websocket_upgrade(scanned: ScannedHeaders, method: bytes) -> bool:
         and scanned.upgrade is not None
         and b"websocket" in (token.strip(b" \t").lower() for token in scanned.upgrade.split(b","))
     )
-
-
-def upstream_request_head(
-    policy: HeaderPolicy,
-    scanned: ScannedHeaders,
-    *,
-    method: bytes,
-    path: bytes,
-    client_ip: str,
-    proto: bytes,
-    identity_block: bytes,
-    request_id: bytes,
-    host_override: bytes | None,
-    websocket: bool,
-) -> bytes:
-    """Build the upstream request line and headers, each line ending in CRLF, without the blank line.
-
-    No framing header is included: the data plane adds Content-Length or Transfer-Encoding. `request_id`,
-    `host_override` and `identity_block` must be well-formed (they come from the gateway, not the client).
-    """
-    host = scanned.host if host_override is None else host_override
-    if host is None:
-        raise ValueError("no Host for the upstream request: pass host_override when the client sent none")
-    trusted, address, node = policy.peer(client_ip)
-    parts = [method, b" ", path, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    if scanned.forward:
-        parts += (b"\r\n".join(map(b": ".join, scanned.forward)), b"\r\n")
-    if trusted:
-        _append_extended_chain(parts, scanned, address, node, proto)
-    else:
-        # Anything the client claimed about earlier hops is ignored: this hop's view only.
-        original_host = scanned.host
-        parts += (b"X-Forwarded-For: ", address, b"\r\nX-Forwarded-Proto: ", proto, b"\r\n")
-        if original_host:
-            parts += (
-                b"X-Forwarded-Host: ",
-                original_host,
-                b"\r\nForwarded: for=",
-                node,
-                b";proto=",
-                proto,
-                b";host=",
-                _forwarded_value(original_host),
-                b"\r\n",
-            )
-        else:
-            parts += (b"Forwarded: for=", node, b";proto=", proto, b"\r\n")
-    if scanned.via:
-        parts += (b"Via: ", b", ".join(scanned.via), b", ", policy.via, b"\r\n")
-    else:
-        parts.append(policy._via_line)
-    parts += (b"X-Request-Id: ", request_id, b"\r\n", identity_block)
-    if websocket:
-        parts.append(_WEBSOCKET_LINES)
-    return b"".join(parts)
-
-
-def _append_extended_chain(
-    parts: list[bytes], scanned: ScannedHeaders, address: bytes, node: bytes, proto: bytes
-) -> None:
-    """Forwarding headers behind a trusted proxy: its chains are extended, its scheme and host believed."""
-    original_host = scanned.host
-    element = b"for=" + node + b";proto=" + proto
-    if original_host:
-        element += b";host=" + _forwarded_value(original_host)
-    parts += (
-        b"X-Forwarded-For: ",
-        b", ".join((*scanned.x_forwarded_for, address)),
-        b"\r\nX-Forwarded-Proto: ",
-        b", ".join(scanned.x_forwarded_proto) or proto,
-        b"\r\n",
-    )
-    for name, value in scanned.trusted_only:
-        parts += (name, b": ", value, b"\r\n")
-    forwarded_host = b", ".join(scanned.x_forwarded_host) or original_host
-    if forwarded_host:
-        parts += (b"X-Forwarded-Host: ", forwarded_host, b"\r\n")
-    parts += (b"Forwarded: ", b", ".join((*scanned.forwarded, element)), b"\r\n")
-
-
-def _forwarded_value(value: bytes) -> bytes:
-    """A Forwarded parameter value: a token as is, anything else as a quoted-string (RFC 7239 §4)."""
-    rendered = _forwarded_value_cache.get(value)
-    if rendered is None:
-        if value.translate(None, _TCHAR):
-            rendered = b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-        else:
-            rendered = value
-        if len(_forwarded_value_cache) >= _SMALL_CACHE_SIZE:
-            _forwarded_value_cache.clear()
-        _forwarded_value_cache[value] = rendered
-    return rendered
-
-
-def response_headers_filter(headers: Iterable[HeaderPair], *, upgrade: bool = False) -> list[HeaderPair]:
-    """Drop hop-by-hop and Connection-named headers from an upstream response.
-
-    With upgrade=True (a 101 Switching Protocols being relayed), the Upgrade headers are kept and a
-    single "Connection: Upgrade" is set, so the client sees the protocol switch.
-    """
-    kept: list[HeaderPair] = []
-    connection: tuple[bytes, ...] = ()
-    upgrades: list[HeaderPair] = []
-    for pair in headers:
-        name = pair[0].lower()
-        if name not in _RESPONSE_HOP_BY_HOP:
-            kept.append(pair)
-        elif name == b"connection":
-            connection += (pair[1],)
-        elif name == b"upgrade":
-            upgrades.append(pair)
-    tokens = _connection_tokens(connection)
-    if tokens and not tokens <= _RESPONSE_PROTECTED:
-        named = tokens - _RESPONSE_PROTECTED
-        kept = [pair for pair in kept if pair[0].lower() not in named]
-    if upgrade:
-        kept += upgrades
-        kept.append((b"Connection", b"Upgrade"))
-    return kept
-
-
-def valid_request_id(value: bytes) -> bool:
-    """True for 1-128 characters of [A-Za-z0-9._:-], the request ids the gateway passes on from clients."""
-    return 0 < len(value) <= 128 and not value.translate(None, _REQUEST_ID_CHARS)
-
-
-def new_request_id() -> bytes:
-    """A fresh request id: 32 hex characters from the OS random source."""
-    return secrets.token_hex(16).encode("ascii")
 
 
 # Control characters are removed from identity values: CR/LF/NUL would split or end the header line.

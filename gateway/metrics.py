@@ -191,6 +191,15 @@ class GatewayMetrics:
         key = (tier, result)
         self._pending_cache[key] = self._pending_cache.get(key, 0) + 1
 
+    def argon2_verified(self, seconds: float) -> None:
+        self.argon2_verifications.inc()
+        self.argon2_seconds.observe(seconds)
+
+    def invalidated(self, lag: float) -> None:
+        """A change notification arrived `lag` seconds after its commit."""
+        self.invalidations.inc()
+        self.invalidation_lag.observe(lag)
+
 
 class _PendingLatency:
     """Histogram observations not yet published: one count per bucket (the last is +Inf) and the sums."""

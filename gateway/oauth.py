@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
-from gateway.app import JSON, NO_STORE, REALM, Note, OwnEndpoint, json_body
-from gateway.auth import Authenticator, Verdict
-from gateway.cache import CachedCredential
-from gateway.core import hashing
+from gateway.app import JSON, NO_STORE, REALM, OwnEndpoint, json_body
+from gateway.auth import Authenticator
 from gateway.core.errors import STORE_ERRORS
 from gateway.core.formats import Presented, client_id_for, parse_key_pair, parse_key_secret, parse_token
 from gateway.core.settings import Settings
 from gateway.denylist import TokenDenylist
+from gateway.entry import CachedCredential, Verdict
+from gateway.exchange import Consume, Exchange, Note, Respond
+from gateway.grants import AccessTokenVerifier
 from gateway.headers import HeaderPolicy, scan_request_headers
-from gateway.proxy import Consume, Exchange, Respond
-from gateway.tokens import AccessTokenVerifier, SigningKeys
+from gateway.tokens import SigningKeys
 
 __all__ = [
     "METADATA_PATH",
@@ -255,7 +255,7 @@ class OAuthEndpoints:
 
     def _current_secret(self, client: ClientAuth, entry: CachedCredential) -> bool:
         presented = client.presented
-        digest = hashing.secret_digest(self.auth.key, presented.kind, presented.public_id, presented.secret)
+        digest = self.auth.digest(presented)
         return any(hmac.compare_digest(d, digest) and fp == entry.current_fp for d, fp in entry.digests)
 
     # --- revocation (RFC 7009) ---
@@ -414,7 +414,7 @@ class OAuthEndpoints:
     @staticmethod
     def _note(ex: Exchange) -> Note:
         note = ex.note
-        if not isinstance(note, Note):
+        if note is None:
             note = ex.note = Note(b"-", b"-")
         return note
 

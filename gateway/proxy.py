@@ -22,11 +22,11 @@ where the RFCs leave room (the README has the operator-facing version):
 - Limits: max_headers counts header fields as they arrive; max_header_bytes counts the target, names and
   values; with max_request_line it also bounds the bytes read per incomplete head, since httptools
   buffers a header value internally. body_timeout also aborts a client that stops reading its response.
-- Responses: HTTP/1.1 status line, hop-by-hop headers (and those the upstream names in Connection)
-  removed; Content-Length passed through, otherwise chunked to HTTP/1.1 clients and close-delimited to
-  HTTP/1.0 clients; 103 relayed to HTTP/1.1 clients, other 1xx dropped; an upstream Transfer-Encoding other
-  than `chunked` is a 502 (it can't be re-framed safely). The response parser can't be told that a request
-  was HEAD, so it is stopped after the head (gateway.upstream).
+- Responses: HTTP/1.1 status line, hop-by-hop headers (gateway.wire) and those the upstream names in
+  Connection removed; Content-Length passed through (even when Connection names it), otherwise chunked to
+  HTTP/1.1 clients and close-delimited to HTTP/1.0 clients; 103 relayed to HTTP/1.1 clients, other 1xx
+  dropped; an upstream Transfer-Encoding other than `chunked` is a 502 (it can't be re-framed safely). The
+  response parser can't be told that a request was HEAD, so it is stopped after the head (gateway.upstream).
 - Upstreams: one request at a time per pooled connection (no upstream pipelining); a reused connection
   that fails before any response byte, with no body byte sent (and an idempotent method if the request has
   a body), is retried once on a fresh connection. read_timeout runs from the end of the request body to
@@ -40,13 +40,15 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from collections.abc import Awaitable, Coroutine
+from typing import Any, cast
 
 import httptools
 
-from gateway.upstream import UpstreamConnection, UpstreamPool, status_line
+from gateway.core.settings import Limits
+from gateway.exchange import Consume, Exchange, Forward, Handler, Outcome, Respond, UpstreamLink
+from gateway.upstream import UpstreamConnection, UpstreamPool
+from gateway.wire import WRITE_HIGH_WATER, WRITE_LOW_WATER, status_line
 
 logger = logging.getLogger(__name__)
 perf_counter = time.perf_counter
@@ -79,134 +81,6 @@ _UPSTREAM_ERRORS = {
 }
 
 
-class Exchange:
-    """One request: filled by the parser callbacks, read (and annotated via `note`) by the handler."""
-
-    __slots__ = (
-        "_close", "_consume", "_error", "_forward", "_fwd_started", "_handled", "_pending", "_pending_bytes",
-        "_received", "_response_done", "_retried", "_sent", "_status", "_task", "_upstream", "body_done", "chunked",
-        "client_ip", "client_port", "content_length", "expect_continue", "has_body", "headers", "http_minor",
-        "keep_alive", "method", "note", "request_id", "started", "target", "upgrade", "upgrade_value",
-    )  # fmt: skip
-
-    def __init__(self, client_ip: str, client_port: int, target: bytes) -> None:
-        self.method = b""
-        self.target = target
-        self.http_minor = 1
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.client_ip = client_ip
-        self.client_port = client_port
-        self.started = 0.0
-        self.keep_alive = True
-        self.has_body = self.chunked = self.upgrade = self.expect_continue = False
-        self.content_length: int | None = None
-        self.request_id = b""
-        self.note: object | None = None
-        # Data-plane state below (upstream.py reads the public-looking ones).
-        self.upgrade_value = b""
-        self.body_done = False
-        self._handled = self._response_done = self._close = self._retried = False
-        self._status = self._sent = self._received = self._pending_bytes = 0  # status, body bytes sent to client
-        self._error: str | None = None
-        self._pending: list[bytes] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._upstream: UpstreamConnection | None = None
-        self._forward: Forward | None = None
-        self._consume: Consume | None = None
-        self._fwd_started = 0.0
-
-    def take_pending(self) -> list[bytes] | None:
-        """Body (or tunnel) bytes held while no upstream was attached; empties the hold."""
-        pending = self._pending
-        self._pending = None
-        self._pending_bytes = 0
-        return pending
-
-    def __repr__(self) -> str:
-        return f"<Exchange {self.method!r} {self.target[:80]!r} from {self.client_ip}>"
-
-
-@dataclass(slots=True)
-class Respond:
-    """Answer the client directly."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    close: bool = False
-
-
-@dataclass(slots=True)
-class Forward:
-    """Relay the request to host:port. `head` is the request line and header lines, each ending CRLF, without
-    the blank line, without framing headers (the data plane adds Content-Length or Transfer-Encoding) and
-    without hop-by-hop headers; for `websocket` the `Upgrade`/`Connection: Upgrade` pair is added if absent."""
-
-    host: str
-    port: int
-    head: bytes
-    response_headers: bytes = b""  # extra header lines (each ending CRLF) added to the client's response
-    connect_timeout: float = 5.0
-    read_timeout: float = 60.0
-    websocket: bool = False
-
-
-@dataclass(slots=True)
-class Consume:
-    """Answer here after reading the whole request body (at most `limit` bytes, else 413): the gateway's own
-    form endpoints (OAuth2). `callback` gets the body and returns the response."""
-
-    limit: int
-    callback: Callable[[bytes], Respond | Awaitable[Respond]]
-
-
-class Outcome:
-    """How an exchange ended, reported once to `Handler.done`."""
-
-    __slots__ = ("bytes_sent", "error", "status", "upstream_seconds")
-
-    def __init__(self, status: int, bytes_sent: int, upstream_seconds: float | None, error: str | None) -> None:
-        self.status = status  # status sent to the client, 0 if none was
-        self.bytes_sent = bytes_sent  # body bytes sent to the client
-        self.upstream_seconds = upstream_seconds  # forward decision to last response byte
-        # None, or one of: connect, timeout, reset, bad_response (upstream side);
-        # client_abort, client_timeout, body_too_large, bad_request (client side); handler_error, internal_error.
-        self.error = error
-
-    def __repr__(self) -> str:
-        return f"Outcome(status={self.status}, bytes_sent={self.bytes_sent}, error={self.error!r})"
-
-
-class Handler(Protocol):
-    """The decision maker the data plane calls (gateway.app)."""
-
-    def handle(self, ex: Exchange) -> Respond | Forward | Consume | Awaitable[Respond | Forward | Consume]: ...
-
-    def done(self, ex: Exchange, outcome: Outcome) -> None:
-        """Called exactly once for every exchange that reached handle()."""
-
-    def rejected(self, client_ip: str, status: int, error: str) -> None:
-        """A request refused before it reached handle() (malformed framing, limits, timeouts): for the log."""
-
-    def error_response(self, status: int, error: str, description: str) -> Respond:
-        """Body builder for the errors the data plane produces itself (400/408/413/414/431/502/504...)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyLimits:
-    max_header_bytes: int = 32768
-    max_headers: int = 100
-    max_request_line: int = 8192
-    max_body_bytes: int = 100 * 1024 * 1024  # 0 = unlimited
-    head_timeout: float = 10.0  # to receive a whole request head (slowloris): 408 and close
-    idle_timeout: float = 60.0  # keep-alive idle: close silently
-    body_timeout: float = 60.0  # no request body progress, or a client not reading its response: abort
-    upstream_idle: float = 30.0  # lifetime of an idle pooled upstream connection
-    pool_max_idle_per_upstream: int = 256
-    write_high_water: int = 256 * 1024
-    write_low_water: int = 64 * 1024
-
-
 class _Reject(Exception):
     """Raised inside a parser callback: answer with this error (or fail the exchange) and close."""
 
@@ -231,7 +105,7 @@ class _ServerState:
 
     __slots__ = ("closing", "connections", "drained", "handler", "limits", "loop", "pool", "tasks")
 
-    def __init__(self, handler: Handler, limits: ProxyLimits, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, handler: Handler, limits: Limits, loop: asyncio.AbstractEventLoop) -> None:
         self.handler = handler
         self.limits = limits
         self.loop = loop
@@ -258,11 +132,13 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "_active", "_answer_later", "_body_timeout", "_client_ip", "_client_port", "_closed", "_conn_header",
-        "_deadline", "_deadline_kind", "_deferred", "_feeding", "_handler", "_head_bytes", "_head_cap", "_high_water",
-        "_hosts", "_in_body", "_limits", "_loop", "_max_body", "_max_header_bytes", "_max_headers", "_max_request_line",
+        "_deadline", "_deadline_kind", "_deferred", "_feeding", "_handler", "_head_bytes", "_head_cap", "_hosts",
+        "_in_body", "_limits", "_loop", "_max_body", "_max_header_bytes", "_max_headers", "_max_request_line",
         "_parser", "_parsing", "_paused", "_pool", "_queue", "_state", "_stop", "_timer", "_timer_when", "_tunnel",
         "_upgrade_ex", "_write_deadline", "_write_paused", "transport",
     )  # fmt: skip
+
+    transport: asyncio.Transport  # set in connection_made, before any other call
 
     def __init__(self, state: _ServerState) -> None:
         limits = state.limits
@@ -276,11 +152,9 @@ class ClientConnection(asyncio.Protocol):
         self._max_request_line = limits.max_request_line
         self._max_body = limits.max_body_bytes
         self._body_timeout = limits.body_timeout
-        self._high_water = limits.write_high_water
         # A head can't be longer than its line plus its headers. Checked per read, it bounds what httptools
         # buffers inside a single endless header before calling us.
         self._head_cap = limits.max_request_line + limits.max_header_bytes
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
         self._parser = httptools.HttpRequestParser(self)
         self._client_ip = ""
         self._client_port = 0
@@ -307,7 +181,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self._client_ip, self._client_port = peer[0], peer[1]
-        self.transport.set_write_buffer_limits(self._limits.write_high_water, self._limits.write_low_water)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self._state.connections.add(self)
         if self._state.closing:
             self._close()
@@ -566,18 +440,17 @@ class ClientConnection(asyncio.Protocol):
             logger.exception("handler.handle failed")
             self._error_reply(ex, 500, "internal_error", "internal error", "handler_error")
             return
-        kind = type(decision)
-        if kind is Forward:
-            self._forward(ex, decision)  # type: ignore[arg-type]
-        elif kind is Respond:
-            self._respond(ex, decision)  # type: ignore[arg-type]
-        elif kind is Consume:
-            self._consume(ex, decision)  # type: ignore[arg-type]
+        if type(decision) is Forward:
+            self._forward(ex, decision)
+        elif type(decision) is Respond:
+            self._respond(ex, decision)
+        elif type(decision) is Consume:
+            self._consume(ex, decision)
         else:
             self._pause(_PAUSE_DECIDING)
-            ex._task = self._state.spawn(self._decide_later(ex, decision))  # type: ignore[arg-type]
+            ex._task = self._state.spawn(self._decide_later(ex, decision))
 
-    async def _decide_later(self, ex: Exchange, pending: Awaitable[Respond | Forward]) -> None:
+    async def _decide_later(self, ex: Exchange, pending: Awaitable[Respond | Forward | Consume]) -> None:
         try:
             decision: object = await pending
         except Exception:
@@ -629,7 +502,7 @@ class ClientConnection(asyncio.Protocol):
         ex._forward = fwd
         if ex.expect_continue and ex.http_minor and not ex.body_done and not ex._received:
             self.transport.write(_CONTINUE)  # only now: a refused client never sends its body
-        idle = self._pool.idle.get((fwd.host, fwd.port))  # UpstreamPool.acquire, inlined
+        idle = self._pool.idle.get((fwd.host, fwd.port))  # most recently used last
         if not idle:
             ex._task = self._state.spawn(self._connect(ex, fwd))
             return
@@ -668,7 +541,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             ex._pending.append(data)
         ex._pending_bytes += len(data)
-        if ex._pending_bytes > self._high_water:
+        if ex._pending_bytes > WRITE_HIGH_WATER:
             self._pause(_PAUSE_HOLD)
 
     # -- answering ---------------------------------------------------------------------------------------------
@@ -975,7 +848,7 @@ class ClientConnection(asyncio.Protocol):
         elif self._active is None and self._deadline_kind != _HEAD:
             self._arm(_HEAD, self._limits.head_timeout)
 
-    def _serving_upstream(self) -> UpstreamConnection | None:
+    def _serving_upstream(self) -> UpstreamLink | None:
         if self._tunnel is not None:
             return self._tunnel
         ex = self._active
@@ -1123,7 +996,7 @@ async def start_server(
     host: str,
     port: int,
     *,
-    limits: ProxyLimits,
+    limits: Limits,
     reuse_port: bool = False,
     sock: socket.socket | None = None,
     backlog: int = 2048,

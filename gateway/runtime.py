@@ -1,5 +1,9 @@
-"""One gateway worker's resources, opened in order and closed in reverse: store pool, Redis, caches,
-argon2 pool, invalidation listener, usage flusher, access log, health probe and the proxy server."""
+"""One gateway worker's resources, opened in order by one async context manager and closed in reverse.
+
+Store pool, Redis, the caches and the credential lookup, argon2 pool, invalidation listener, token denylist,
+usage flusher, access log, health probe and the proxy server. If opening any of them fails, everything opened
+before it is closed again (contextlib.AsyncExitStack), so a worker that cannot start leaks nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,161 +11,155 @@ import asyncio
 import contextlib
 import logging
 import os
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
 from gateway.accesslog import AccessLog
 from gateway.app import JSON, NO_STORE, Gateway
 from gateway.auth import Authenticator
-from gateway.cache import InvalidationListener, MemoryCache, RedisTier
 from gateway.core import hashing, store
 from gateway.core.errors import STORE_ERRORS
 from gateway.core.settings import Settings, parse_listen
+from gateway.core.tasks import background
 from gateway.denylist import TokenDenylist
+from gateway.exchange import Exchange, Respond
+from gateway.grants import AccessTokenVerifier
 from gateway.headers import make_policy
+from gateway.invalidation import InvalidationListener
+from gateway.lookup import CredentialLookup
+from gateway.memory import MemoryCache
 from gateway.metrics import GatewayMetrics
 from gateway.oauth import OAuthEndpoints
-from gateway.proxy import Exchange, ProxyLimits, ProxyServer, Respond, start_server
+from gateway.proxy import ProxyServer, start_server
+from gateway.redis_tier import RedisTier
 from gateway.throttle import FailureThrottle
-from gateway.tokens import AccessTokenVerifier, SigningKeys
+from gateway.tokens import SigningKeys
 from gateway.usage import UsageRecorder
 
 logger = logging.getLogger(__name__)
 
+# How often the store is probed for readiness and the sampled gauges are refreshed.
+_PROBE_SECONDS = 2.0
+# How often this worker's metric increments are published to the shared multiprocess files.
+_METRICS_FLUSH_SECONDS = 0.25
 
-class GatewayRuntime:
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
-        self.settings = settings
-        self.registry = registry or CollectorRegistry()
-        self.metrics = GatewayMetrics(self.registry)
-        self.server: ProxyServer | None = None
-        self.store_up = False
-        self._tasks: list[asyncio.Task[Any]] = []
 
-    async def start(self) -> None:
-        s = self.settings
+@dataclass(slots=True)
+class StoreProbe:
+    """Whether the store answered the last probe (readiness, `credgate_store_up`)."""
+
+    up: bool = False
+    argon2_rejected_seen: int = 0
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, registry: CollectorRegistry | None = None) -> AsyncIterator[ProxyServer]:
+    """Open everything one worker needs and serve until the block ends; then drain and close it all."""
+    s = settings
+    metrics = GatewayMetrics(registry or CollectorRegistry())
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(_worker_gone, metrics)
         # min_size=0: the gateway starts (and serves what it can) even while Postgres is down
-        self.pool = await store.create_pool(s.database_url.reveal(), min_size=0, max_size=s.database_pool_size)
-        self.redis = RedisTier(s.redis_url.reveal(), s.cache.redis_ttl, s.cache.negative_ttl)
-        self.redis.on_state = lambda up: self.metrics.redis_up.set(1 if up else 0)
-        self.metrics.redis_up.set(1 if self.redis.client is not None else 0)
-        self.metrics.redis_configured.set(1 if self.redis.client is not None else 0)
-        self.memory = MemoryCache(s.cache.max_entries)
-        self.argon2 = hashing.pool_from(s.argon2, observer=self._argon2_observed)
-        self.throttle = FailureThrottle(s.throttle, self.redis)
-        self.auth = Authenticator(
-            s, self.pool, self.memory, self.redis, self.argon2, self.throttle, observe=self.metrics.cache_lookup
+        pool = await store.create_pool(s.database_url.reveal(), min_size=0, max_size=s.database_pool_size)
+        stack.push_async_callback(pool.close)
+        redis_tier = RedisTier(
+            s.redis_url.reveal(), s.cache.redis_ttl, s.cache.negative_ttl, on_state=metrics.redis_up.set
         )
-        self.listener = InvalidationListener(s.database_url.reveal(), self.memory, self.redis, self.pool)
-        self.listener.on_event = self._invalidated
-        self.auth.store_reachable = lambda: self.listener.connected
-        self.listener.on_state = self._listening
-        self.metrics.listen_connected.set(0)
-        self.usage = UsageRecorder(self.pool, s.gateway.usage_flush_seconds)
-        self.access_log = AccessLog(s.gateway.access_log)
+        stack.push_async_callback(redis_tier.close)
+        metrics.redis_up.set(1 if redis_tier.client is not None else 0)
+        metrics.redis_configured.set(1 if redis_tier.client is not None else 0)
+        argon2 = hashing.pool_from(s.argon2, observer=metrics.argon2_verified)
+        stack.callback(argon2.close)
+
+        memory = MemoryCache(s.cache.max_entries)
+        denylist = TokenDenylist(pool, s.cache.memory_ttl)
+
+        def listening(up: bool) -> None:
+            metrics.listen_connected.set(1 if up else 0)
+            if up:  # revocations made while the channel was down were not heard: reload the denylist
+                denylist.resync()
+
+        metrics.listen_connected.set(0)
+        listener = InvalidationListener(
+            s.database_url.reveal(), memory, redis_tier, pool,
+            on_event=metrics.invalidated, on_state=listening, on_token_revoked=denylist.on_event,
+        )
+        lookup = CredentialLookup(
+            s.cache, pool, memory, redis_tier,
+            observe=metrics.cache_lookup, store_reachable=lambda: listener.connected,
+        )
+        auth = Authenticator(s.secret_key_bytes, lookup, argon2, FailureThrottle(s.throttle, redis_tier))
+        keys = SigningKeys.from_settings(s)
+        verifier = AccessTokenVerifier(keys, lookup, denylist)
         g = s.gateway
-        names = g.identity_headers
-        self.policy = make_policy(
-            names.names(),
+        policy = make_policy(
+            g.identity_headers.names(),
             access_key_header=g.access_key_header,
             secret_key_header=g.secret_key_header,
             keep_credentials=g.keep_credential_headers,
             trusted_proxies=g.trusted_proxies,
         )
-        self.gateway = Gateway(s, self.policy, self.auth, self.metrics, self.usage, self.access_log)
-        self.gateway.own[b"/_credgate/health"] = self._health
-        self.gateway.own[b"/_credgate/ready"] = self._ready
-        # OAuth2: the token endpoints issue access tokens, the gateway accepts them, the denylist follows NOTIFY
-        self.denylist = TokenDenylist(self.pool, s.cache.memory_ttl)
-        keys = SigningKeys.from_settings(s)
-        self.gateway.tokens = AccessTokenVerifier(keys, self.auth, self.denylist)
-        OAuthEndpoints(
-            s, self.policy, self.auth, keys, self.gateway.tokens, self.denylist, self.gateway.worker_id
-        ).register(self.gateway.own)
-        self.listener.on_token_revoked = self.denylist.on_event
-        self.denylist.start()
-        self.listener.start()
-        self.usage.start()
-        self.access_log.start()
-        self._tasks.append(asyncio.get_running_loop().create_task(self._probe_store()))
-        self._tasks.append(asyncio.get_running_loop().create_task(self._flush_metrics()))
-        host, port = parse_listen(s.gateway.listen)
-        limits = ProxyLimits(
-            max_header_bytes=g.limits.max_header_bytes,
-            max_headers=g.limits.max_headers,
-            max_request_line=g.limits.max_request_line,
-            max_body_bytes=g.limits.max_body_bytes,
-            head_timeout=g.limits.head_timeout,
-            idle_timeout=g.limits.idle_timeout,
-            body_timeout=g.limits.body_timeout,
-            upstream_idle=g.limits.upstream_idle,
-        )
-        self.server = await start_server(self.gateway, host, port, limits=limits, reuse_port=True)
+        usage = await stack.enter_async_context(UsageRecorder(pool, g.usage_flush_seconds).running())
+        access_log = await stack.enter_async_context(AccessLog(g.access_log).running())
+        gateway = Gateway(s, policy, auth, metrics, usage, access_log, tokens=verifier)
+        probe = StoreProbe()
+        gateway.own[b"/_credgate/health"] = _health
+        gateway.own[b"/_credgate/ready"] = lambda ex: _ready(probe)
+        OAuthEndpoints(s, policy, auth, keys, verifier, denylist, gateway.worker_id).register(gateway.own)
 
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.shutdown(self.settings.gateway.shutdown_timeout)
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.listener.close()
-        await self.denylist.close()
-        await self.usage.close()
-        await self.access_log.close()
-        self.metrics.flush()
-        self.argon2.close()
-        await self.redis.close()
-        await self.pool.close()
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-            from prometheus_client import multiprocess
+        await stack.enter_async_context(denylist.running())
+        await stack.enter_async_context(listener.running())
+        await stack.enter_async_context(background(_probe_store(pool, metrics, argon2, memory, probe), "store probe"))
+        await stack.enter_async_context(background(_flush_metrics(metrics), "metrics flush"))
+        host, port = parse_listen(g.listen)
+        server = await start_server(gateway, host, port, limits=g.limits, reuse_port=True)
+        stack.push_async_callback(server.shutdown, g.shutdown_timeout)
+        yield server
 
-            with contextlib.suppress(OSError):
-                multiprocess.mark_process_dead(os.getpid())
 
-    # --- hooks ---
+def _worker_gone(metrics: GatewayMetrics) -> None:
+    """Publish the last increments; tell the supervisor's metrics collector this process is gone."""
+    metrics.flush()
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import multiprocess
 
-    def _argon2_observed(self, seconds: float) -> None:
-        self.metrics.argon2_verifications.inc()
-        self.metrics.argon2_seconds.observe(seconds)
+        with contextlib.suppress(OSError):
+            multiprocess.mark_process_dead(os.getpid())
 
-    def _listening(self, up: bool) -> None:
-        self.metrics.listen_connected.set(1 if up else 0)
-        if up:  # revocations made while the channel was down were not heard: reload the denylist
-            self.denylist.resync()
 
-    def _invalidated(self, lag: float) -> None:
-        self.metrics.invalidations.inc()
-        self.metrics.invalidation_lag.observe(lag)
+async def _flush_metrics(metrics: GatewayMetrics) -> None:
+    while True:
+        await asyncio.sleep(_METRICS_FLUSH_SECONDS)
+        metrics.flush()
 
-    async def _flush_metrics(self) -> None:
-        while True:
-            await asyncio.sleep(0.25)
-            self.metrics.flush()
 
-    async def _probe_store(self) -> None:
-        """Every 2 s: is the store reachable (readiness, store_up), pool use, argon2 queue, cache size."""
-        while True:
-            try:
-                async with self.pool.acquire(timeout=2) as conn:
-                    await conn.fetchval("SELECT 1", timeout=2)
-                self.store_up = True
-            except STORE_ERRORS:
-                self.store_up = False
-            m = self.metrics
-            m.store_up.set(1 if self.store_up else 0)
-            m.db_pool_in_use.set(self.pool.get_size() - self.pool.get_idle_size())
-            m.argon2_queue.set(self.argon2.in_flight + self.argon2.waiting)
-            m.cache_entries.set(len(self.memory))
-            m.argon2_rejected.inc(self.argon2.rejected - getattr(self, "_rejected_seen", 0))
-            self._rejected_seen = self.argon2.rejected
-            await asyncio.sleep(2.0)
+async def _probe_store(
+    pool: store.Pool, metrics: GatewayMetrics, argon2: hashing.Argon2Pool, memory: MemoryCache, probe: StoreProbe
+) -> None:
+    """Is the store reachable (readiness, store_up); pool use, argon2 queue and cache size, sampled."""
+    while True:
+        try:
+            async with pool.acquire(timeout=_PROBE_SECONDS) as conn:
+                await conn.fetchval(store.PING, timeout=_PROBE_SECONDS)
+            probe.up = True
+        except STORE_ERRORS:
+            probe.up = False
+        metrics.store_up.set(1 if probe.up else 0)
+        metrics.db_pool_in_use.set(pool.get_size() - pool.get_idle_size())
+        metrics.argon2_queue.set(argon2.in_flight + argon2.waiting)
+        metrics.cache_entries.set(len(memory))
+        metrics.argon2_rejected.inc(argon2.rejected - probe.argon2_rejected_seen)
+        probe.argon2_rejected_seen = argon2.rejected
+        await asyncio.sleep(_PROBE_SECONDS)
 
-    def _health(self, ex: Exchange) -> Respond:
-        return Respond(200, [JSON, NO_STORE], b'{"status":"ok"}')
 
-    def _ready(self, ex: Exchange) -> Respond:
-        if self.store_up:
-            return Respond(200, [JSON, NO_STORE], b'{"status":"ready"}')
-        return Respond(503, [JSON, NO_STORE, (b"Retry-After", b"2")], b'{"status":"store unavailable"}')
+def _health(ex: Exchange) -> Respond:
+    return Respond(200, [JSON, NO_STORE], b'{"status":"ok"}')
+
+
+def _ready(probe: StoreProbe) -> Respond:
+    if probe.up:
+        return Respond(200, [JSON, NO_STORE], b'{"status":"ready"}')
+    return Respond(503, [JSON, NO_STORE, (b"Retry-After", b"2")], b'{"status":"store unavailable"}')

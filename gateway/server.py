@@ -198,27 +198,24 @@ def worker_main() -> int:
 
 
 async def serve(settings: Settings) -> int:
-    from gateway.runtime import GatewayRuntime
+    from gateway.runtime import running_worker
 
-    runtime = GatewayRuntime(settings)
-    await runtime.start()
-    # Everything allocated so far lives as long as the worker: keep it out of the collector's sight, and
-    # collect young objects less often (a request allocates a few dozen short-lived objects).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    ready_fd = os.environ.pop("CREDGATE_READY_FD", None)
-    if ready_fd is not None:
-        with os.fdopen(int(ready_fd), "wb") as ready:
-            ready.write(READY_LINE.encode() + b"\n")
-    await stop.wait()
-    await runtime.stop()
+    async with running_worker(settings):
+        # Everything allocated so far lives as long as the worker: keep it out of the collector's sight, and
+        # collect young objects less often (a request allocates a few dozen short-lived objects).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        ready_fd = os.environ.pop("CREDGATE_READY_FD", None)
+        if ready_fd is not None:
+            with os.fdopen(int(ready_fd), "wb") as ready:
+                ready.write(READY_LINE.encode() + b"\n")
+        await stop.wait()
     return 0
-
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:

@@ -11,18 +11,10 @@ import math
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from gateway.cache import REDIS_PREFIX, RedisTier
+from gateway.core.errors import REDIS_ERRORS
 from gateway.core.settings import ThrottleSettings
-
-
-def id_key(public_id: str) -> str:
-    return f"{REDIS_PREFIX}fail:id:{public_id}"
-
-
-def address_key(address: str) -> str:
-    return f"{REDIS_PREFIX}fail:ip:{address}"
+from gateway.redis_tier import RedisTier, address_key, id_key
 
 
 class _Window:
@@ -104,6 +96,6 @@ class FailureThrottle:
                     pipe.incrby(key, by)
                     pipe.pttl(key)
                 results = await pipe.execute()
-        except (TimeoutError, RedisError, OSError):
+        except REDIS_ERRORS:
             return None
         return [(int(results[i * 3 + 1]), max(0, int(results[i * 3 + 2])) / 1000) for i in range(len(keys))]

@@ -1,40 +1,30 @@
-"""OAuth2 access tokens: a compact HMAC-signed format bound to a credential's current secret, and its verifier.
+"""OAuth2 access tokens: a compact HMAC-signed format bound to a credential's current secret (pure, no I/O).
 
 A token is `cga_` + base64url(body + tag). The body names the signing key id, the credential's public id,
 the fingerprint of the credential's current secret hash, a random jti, iat, exp and the granted scope; the
 tag is HMAC-SHA256 over the body under a key derived from the server key and the key id. Nothing is stored
 per token: the signature proves the client authenticated at the token endpoint, the fingerprint ties the
 token to the secret it was issued for (a rotation rejects it), and the credential's cached record decides
-the rest (revoked, expired, suspended, groups). Single revoked tokens are looked up in the denylist.
+the rest (revoked, expired, suspended, groups; see gateway.grants).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import secrets
 import struct
-import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from gateway.auth import INVALID, UNAVAILABLE, Verdict, status_of
-from gateway.cache import CachedCredential, Negative
-
-if TYPE_CHECKING:
-    from gateway.auth import Authenticator
-    from gateway.core.settings import Settings
-    from gateway.denylist import TokenDenylist
+from gateway.core.settings import Settings
 
 __all__ = [
     "ACCESS_TOKEN_PREFIX",
     "AccessToken",
-    "AccessTokenVerifier",
-    "Grant",
     "SigningKeys",
     "looks_like_access_token",
 ]
@@ -178,100 +168,3 @@ class SigningKeys:
             return None
         scope = frozenset(scope_text.split(" ")) if scope_text else frozenset()
         return AccessToken(kid, public_text, fp.hex(), jti.hex(), issued_at, expires_at, scope)
-
-
-@dataclass(slots=True, frozen=True)
-class Grant(Verdict):
-    """A Verdict for an access token: on `ok`, the groups it grants (its scope within the owner's groups now)."""
-
-    scope: frozenset[str] = frozenset()
-    token: AccessToken | None = None
-
-
-TOKEN_EXPIRED: Final = Grant("token_expired")
-INVALID_TOKEN: Final = Grant("invalid")
-# How long a request waits for this worker's first denylist load before answering 503.
-_DENYLIST_WAIT: Final = 2.0
-# Tokens whose signature verified, remembered by a keyed digest (never the token itself: it is a bearer
-# secret): a client reuses its token for an hour, and one HMAC plus a dict lookup is cheaper than base64,
-# HMAC and parsing. Cleared when full, so unique tokens cost bounded memory.
-_VERIFIED_CACHE_SIZE: Final = 16384
-
-
-class AccessTokenVerifier:
-    """verify(value) -> Grant now (one HMAC, dict lookups) when memory knows the credential, else an awaitable."""
-
-    def __init__(self, keys: SigningKeys, auth: Authenticator, denylist: TokenDenylist) -> None:
-        self.keys = keys
-        self.auth = auth
-        self.denylist = denylist
-        self._loading: dict[str, asyncio.Future[CachedCredential | Verdict]] = {}
-        self._verified: dict[bytes, AccessToken] = {}
-        self._cache_key = secrets.token_bytes(32)  # per process: the digests mean nothing elsewhere
-
-    def verify(self, value: bytes | str) -> Grant | Awaitable[Grant]:
-        raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogatepass")
-        key = hmac.digest(self._cache_key, raw, "sha256")
-        token = self._verified.get(key)
-        if token is None:
-            token = self.keys.parse(value)
-            if token is None:
-                return INVALID_TOKEN
-            if len(self._verified) >= _VERIFIED_CACHE_SIZE:
-                self._verified.clear()
-            self._verified[key] = token
-        return self.check(token)
-
-    def check(self, token: AccessToken) -> Grant | Awaitable[Grant]:
-        """The decision for a token whose signature verified."""
-        if token.expires_at <= time.time():
-            return TOKEN_EXPIRED
-        if not self.denylist.loaded:
-            return self._after_denylist(token)
-        if self.denylist.is_revoked(token):
-            return INVALID_TOKEN
-        auth = self.auth
-        cached = auth.memory.get(token.public_id)
-        if isinstance(cached, CachedCredential) and time.monotonic() < cached.fetched + auth.memory_ttl:
-            auth.observe("memory", "hit")
-            return decide(token, cached)
-        if isinstance(cached, Negative) and time.monotonic() < cached.until:
-            auth.observe("memory", "negative")
-            return INVALID_TOKEN
-        auth.observe("memory", "miss")
-        return self._load(token)
-
-    async def _after_denylist(self, token: AccessToken) -> Grant:
-        if self.denylist.load_failed:  # the store is down since this worker started: no waiting
-            return Grant("unavailable", retry_after=UNAVAILABLE.retry_after)
-        try:
-            await asyncio.wait_for(self.denylist.wait_loaded(), _DENYLIST_WAIT)
-        except TimeoutError:
-            return Grant("unavailable", retry_after=UNAVAILABLE.retry_after)
-        result = self.check(token)
-        return result if isinstance(result, Grant) else await result
-
-    async def _load(self, token: AccessToken) -> Grant:
-        """The credential's record without a secret (Redis, then the store); concurrent loads coalesced."""
-        public_id = token.public_id
-        pending = self._loading.get(public_id)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_task(self.auth.load_entry(public_id))
-            self._loading[public_id] = pending
-            pending.add_done_callback(lambda _f: self._loading.pop(public_id, None))
-        found = await asyncio.shield(pending)
-        if isinstance(found, CachedCredential):
-            return decide(token, found)
-        if found.outcome == "unavailable":
-            return Grant("unavailable", retry_after=found.retry_after)
-        return INVALID_TOKEN
-
-
-def decide(token: AccessToken, entry: CachedCredential) -> Grant:
-    """A token is as good as its credential: same key pair, same current secret, and the credential's status."""
-    if entry.kind != "key" or not hmac.compare_digest(entry.current_fp, token.fingerprint):
-        return INVALID_TOKEN  # rotated (or not a key pair): tokens issued for the old secret are dead
-    verdict = status_of(entry, time.time())
-    if verdict is INVALID:
-        return INVALID_TOKEN
-    return Grant(verdict.outcome, entry, scope=token.scope & entry.groups, token=token)

@@ -3,44 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-import http
 import logging
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol, cast
 
 import httptools
 
-if TYPE_CHECKING:
-    from gateway.proxy import Exchange, Forward, ProxyLimits
+from gateway.core.settings import Limits
+from gateway.exchange import Exchange, Forward
+from gateway.wire import HOP_BY_HOP, STATUS_LINES, WRITE_HIGH_WATER, WRITE_LOW_WATER, status_line
 
 logger = logging.getLogger(__name__)
 
-# Default status lines, so the common case (upstream reason == standard phrase) formats nothing.
-_DEFAULT_LINES: dict[int, tuple[bytes, bytes]] = {
-    s.value: (s.phrase.encode(), b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode())) for s in http.HTTPStatus
-}
-# Response headers that describe one hop (RFC 9110 7.6.1); never relayed to the client. `Upgrade` and
-# `Connection` are re-added by us on a 101 only.
-_HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
-)
-# Only header names of these lengths can be hop-by-hop or Content-Length: lower-case nothing else.
-_WATCHED_LENGTHS = frozenset(len(name) for name in (*_HOP_BY_HOP, b"content-length"))
+# Response headers in HOP_BY_HOP are never relayed to the client; `Upgrade` and `Connection` are re-added by
+# us on a 101 only. Only header names of these lengths can be hop-by-hop or Content-Length: lower-case
+# nothing else.
+_WATCHED_LENGTHS = frozenset(len(name) for name in (*HOP_BY_HOP, b"content-length"))
 # Connection values that name no other header to drop (the common case, checked without splitting).
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
+# Names a Connection option may not remove: the plain options, and Content-Length, which frames the body we relay.
+_PROTECTED = _CONNECTION_OPTIONS | {b"content-length"}
 # A stale pooled connection may only be retried for methods that are safe to send twice.
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _LAST_CHUNK = b"0\r\n\r\n"
 _CRLF = b"\r\n"
 # Idle pooled connections are swept this many times per `upstream_idle`: they close after 0.75x-1x of it.
 _SWEEPS_PER_LIFETIME = 4
-
-
-def status_line(status: int, reason: bytes = b"") -> bytes:
-    """`HTTP/1.1 <code> <reason>` with CRLF; the standard phrase when the reason is empty or standard."""
-    default = _DEFAULT_LINES.get(status)
-    if default is not None and (not reason or reason == default[0]):
-        return default[1]
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+# Idle connections kept per upstream; more are closed as they go idle.
+_MAX_IDLE_PER_UPSTREAM = 256
 
 
 class Downstream(Protocol):
@@ -222,8 +211,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
-        limits = self.pool.limits
-        self.transport.set_write_buffer_limits(limits.write_high_water, limits.write_low_water)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.pool.live.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -317,7 +305,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._length_at = len(parts)
             elif lname == b"connection" and value.lower() in _CONNECTION_OPTIONS:
                 return  # names no other header: the common case
-            elif lname in _HOP_BY_HOP:
+            elif lname in HOP_BY_HOP:
                 if self._rare is None:
                     self._rare = []
                 self._rare.append((lname, value))
@@ -345,7 +333,7 @@ class UpstreamConnection(asyncio.Protocol):
             framing, close_delimited = self._body_framing(status, ex.http_minor, chunked)
         parts = self._parts
         reason = self._reason
-        default = _DEFAULT_LINES.get(status)
+        default = STATUS_LINES.get(status)  # status_line, inlined
         if default is not None and (not reason or reason == default[0]):
             parts[0] = default[1]
         else:
@@ -368,7 +356,7 @@ class UpstreamConnection(asyncio.Protocol):
             for lname, value in self._rare
             if lname == b"connection"
             for token in value.split(b",")
-        } - _CONNECTION_OPTIONS
+        } - _PROTECTED
         if listed:
             parts = self._parts
             kept = [parts[0]]
@@ -556,11 +544,11 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections per (host, port), most recently used first, closed after `upstream_idle`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, limits: ProxyLimits) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits) -> None:
         self.loop = loop
         self.limits = limits
         self.max_head_bytes = limits.max_header_bytes + limits.max_request_line
-        self.max_idle = limits.pool_max_idle_per_upstream
+        self.max_idle = _MAX_IDLE_PER_UPSTREAM
         # Idle connections per (host, port), oldest first: take from the end (most recently used).
         self.idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
         self.live: set[UpstreamConnection] = set()
@@ -568,13 +556,6 @@ class UpstreamPool:
         self.sweeping = False
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
-
-    def acquire(self, host: str, port: int) -> UpstreamConnection | None:
-        """A pooled connection to reuse (most recently used first), or None when a new one must be opened."""
-        idle = self.idle.get((host, port))
-        if idle:
-            return idle.pop()
-        return None
 
     async def connect(self, host: str, port: int, connect_timeout: float) -> UpstreamConnection:
         """Open a new connection (OSError / TimeoutError on failure)."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 
 import asyncpg
 
 from gateway.core import store
+from gateway.core.tasks import background
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +26,6 @@ class UsageRecorder:
         self.day = datetime.now(UTC).date()
         self.pending: dict[tuple[int, date], int] = {}
         self.last_used: dict[int, datetime] = {}
-        self._task: asyncio.Task[None] | None = None
 
     def record(self, credential_id: int) -> None:
         self.counts[credential_id] = self.counts.get(credential_id, 0) + 1
@@ -58,17 +59,16 @@ class UsageRecorder:
             for cid, at in last_used.items():
                 self.last_used[cid] = max(at, self.last_used.get(cid, at))
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[UsageRecorder]:
+        """Flush every `interval` seconds for the block's duration, and once more at its end."""
+        try:
+            async with background(self._loop(), "usage flusher"):
+                yield self
+        finally:
+            await self.flush()
 
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             await self.flush()
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.flush()

@@ -35,7 +35,7 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if given:
         yield given
         return
-    from admin.devenv.embedded import EmbeddedPostgres
+    from admin.devenv.postgres_server import EmbeddedPostgres
 
     with server_dir("test-pg") as data:
         server = EmbeddedPostgres(data / "pg")
@@ -52,7 +52,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if given:
         yield given
         return
-    from admin.devenv.embedded import EmbeddedRedis
+    from admin.devenv.redis_server import EmbeddedRedis
 
     with server_dir("test-redis") as data:
         server = EmbeddedRedis(data / "redis")

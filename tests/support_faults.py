@@ -16,7 +16,8 @@ import aiohttp
 import asyncpg
 import httptools
 
-from admin.devenv.embedded import EmbeddedPostgres, EmbeddedRedis
+from admin.devenv.postgres_server import EmbeddedPostgres
+from admin.devenv.redis_server import EmbeddedRedis
 from gateway.core import store
 from tests.conftest import credgate_env
 from tests.support import cli, metric, scrape, server_dir

@@ -22,8 +22,13 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from admin import lifecycle
+from admin.devenv.child_server import EmbeddedServerError, stop_all
+from admin.devenv.demo_upstream import start_demo_upstream
+from admin.devenv.postgres_server import EmbeddedPostgres
+from admin.devenv.redis_server import EmbeddedRedis
 from gateway.core import formats, store
-from gateway.core.settings import Settings, SettingsError, load_settings, parse_listen, redact_url
+from gateway.core.redaction import redact_url
+from gateway.core.settings import Settings, SettingsError, load_settings, parse_listen
 
 DEMO_SERVICE = "demo-service"
 DEMO_ADMIN = "admin"
@@ -61,9 +66,6 @@ def run_up(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir or os.environ.get("CREDGATE_DATA_DIR") or raw.get("data_dir") or ".credgate")
     data_dir.mkdir(parents=True, exist_ok=True)
     _ensure_secret_key(raw)
-    from admin.devenv.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError, stop_all
-
-    started: list[Any] = []
     try:
         try:
             if not os.environ.get("CREDGATE_DATABASE_URL"):
@@ -71,7 +73,6 @@ def run_up(args: argparse.Namespace) -> int:
                 parts = urlsplit(url)
                 pg = EmbeddedPostgres(data_dir / "postgres", port=parts.port or 54329)
                 pg.start()
-                started.append(pg)
                 pg.create_database(parts.path.lstrip("/") or "credgate")
                 os.environ["CREDGATE_DATABASE_URL"] = url
                 _say(f"embedded Postgres running on 127.0.0.1:{pg.port} (data in {data_dir / 'postgres'})")
@@ -79,7 +80,6 @@ def run_up(args: argparse.Namespace) -> int:
                 url = str(raw.get("redis_url") or "redis://127.0.0.1:63799/0")
                 rd = EmbeddedRedis(data_dir / "redis", port=urlsplit(url).port or 63799)
                 rd.start()
-                started.append(rd)
                 os.environ["CREDGATE_REDIS_URL"] = url
                 _say(f"embedded Redis running on 127.0.0.1:{rd.port}")
         except EmbeddedServerError as exc:
@@ -94,9 +94,7 @@ def run_up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for server in reversed(started):
-            with contextlib.suppress(Exception):
-                server.stop()
+        # Every embedded server started above, newest first.
         stop_all()
         _say("credgate up: stopped")
 
@@ -153,8 +151,6 @@ async def _demo_token(
 
 
 async def _run(settings: Settings, config: str | None) -> int:
-    from admin.devenv.demo_upstream import start_demo_upstream
-
     data_dir = Path(settings.data_dir)
     try:
         password, token = await _bootstrap(settings, data_dir)
@@ -167,16 +163,17 @@ async def _run(settings: Settings, config: str | None) -> int:
     upstream_port = _demo_upstream_port(settings)
     upstream = await start_demo_upstream("127.0.0.1", upstream_port)
     base = [sys.executable, "-m", "admin"] + (["--config", config] if config else [])
-    children = [await asyncio.create_subprocess_exec(*base, "gateway", stdin=asyncio.subprocess.DEVNULL)]
-    if _admin_available():
-        children.append(await asyncio.create_subprocess_exec(*base, "admin", stdin=asyncio.subprocess.DEVNULL))
+    children = [
+        await asyncio.create_subprocess_exec(*base, service, stdin=asyncio.subprocess.DEVNULL)
+        for service in ("gateway", "admin")
+    ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     gw_host, gw_port = parse_listen(settings.gateway.listen)
     adm_host, adm_port = parse_listen(settings.admin.listen)
-    for host, port in ((gw_host, gw_port), (adm_host, adm_port)) if len(children) > 1 else ((gw_host, gw_port),):
+    for host, port in ((gw_host, gw_port), (adm_host, adm_port)):
         await _wait_listening(host, port, children)
     cfg = f" --config {config}" if config else ""
     _say(f"""
@@ -230,11 +227,3 @@ def _demo_upstream_port(settings: Settings) -> int:
         if route.upstream.host in ("127.0.0.1", "localhost"):
             return route.upstream.port
     return 9000
-
-
-def _admin_available() -> bool:
-    try:
-        import admin.server  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -10,6 +10,7 @@ from admin.auth import current, require_admin
 from admin.errors import json_response
 from admin.views.common import id_cursor, page, page_limit, query_fields, services
 from gateway.core import store
+from gateway.core.store import Record
 
 # Pages run backwards by id; the first page starts above every id.
 NO_CURSOR = 2**63 - 1
@@ -17,7 +18,7 @@ AUDIT_FIELDS = ("id", "at", "actor", "actor_id", "auth_method", "action", "targe
                 "request_id", "source")
 
 
-def public_event(row: Any) -> dict[str, Any]:
+def public_event(row: Record) -> dict[str, Any]:
     return {name: row[name] for name in AUDIT_FIELDS}
 
 

@@ -14,7 +14,7 @@ from admin.errors import forbidden, json_response, no_content
 from admin.idempotency import IDEMPOTENCY_HEADER, check_key
 from admin.views.common import Fields, id_cursor, page, page_limit, query_fields, read_json, services
 from gateway.core import store
-from gateway.core.store import Connection
+from gateway.core.store import Connection, Record
 
 KINDS = ("token", "key")
 STATUSES = ("valid", "expired", "suspended", "revoked")
@@ -22,7 +22,7 @@ MAX_GRACE_SECONDS = 7 * 86400
 MAX_USAGE_DAYS = 366
 
 
-async def _visible(conn: Connection, request: web.Request) -> Any:
+async def _visible(conn: Connection, request: web.Request) -> Record:
     """The credential named in the path, when the caller may see it."""
     identity = current(request)
     public_id = request.match_info["id"]

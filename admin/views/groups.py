@@ -11,9 +11,10 @@ from admin.auth import actor_for, current, require_admin
 from admin.errors import json_response, no_content, not_found
 from admin.views.common import Fields, page, page_limit, path_name, query_fields, read_json, services
 from gateway.core import store
+from gateway.core.store import Record
 
 
-def public_group(row: Any) -> dict[str, Any]:
+def public_group(row: Record) -> dict[str, Any]:
     return {"id": row["id"], "name": row["name"], "description": row["description"],
             "created_at": row["created_at"], "members": list(row["members"])}
 

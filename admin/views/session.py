@@ -18,6 +18,7 @@ MAX_PASSWORD_LENGTH = 1024
 
 async def load_user(conn: Connection, principal_id: int) -> dict[str, Any]:
     row = await conn.fetchrow(store.PRINCIPAL_BY_ID, principal_id)
+    assert row is not None  # principals are never deleted from the table, only marked deleted
     groups = [r[0] for r in await conn.fetch(store.PRINCIPAL_GROUPS, principal_id)]
     return lifecycle.public_principal(row, groups)
 

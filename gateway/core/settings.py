@@ -11,61 +11,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from gateway.routes import Route, Upstream, parse_upstream
+from gateway.core.redaction import Secret, SecretURL, redact_url
+from gateway.core.route_config import Route, build_routes
 
 ENV_PREFIX = "CREDGATE_"
-
-
-class Secret:
-    """A string that never shows itself in a repr, str, log or traceback."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('**********')" if self._value else "Secret('')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-class SecretURL(Secret):
-    """A connection URL whose password is masked when shown."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return f"SecretURL({redact_url(self._value)!r})"
-
-    __str__ = __repr__
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by '***', for logs and messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +169,7 @@ def load_settings(path: str | Path | None = None, env: typing.Mapping[str, str] 
             problems.append(f"config file {path}: not valid TOML ({exc}); fix the syntax at that line")
     raw_routes = raw.pop("routes", [])
     settings: Settings = _build(Settings, raw, "", env, problems)
-    routes = _build_routes(raw_routes, problems)
+    routes = build_routes(raw_routes, problems)
     settings = dataclasses.replace(settings, routes=tuple(routes))
     if not settings.secret_key and settings.secret_key_file:
         try:
@@ -316,107 +267,6 @@ def _type_name(kind: Any) -> str:
         return "a list of strings"
     names = {bool: "true or false", int: "an integer", float: "a number"}
     return names.get(kind, "a string")
-
-
-_ROUTE_KEYS = {
-    "prefix",
-    "upstream",
-    "auth",
-    "groups",
-    "strip_prefix",
-    "preserve_host",
-    "connect_timeout",
-    "read_timeout",
-    "name",
-}
-
-
-def _build_routes(raw_routes: Any, problems: list[str]) -> list[Route]:
-    if not isinstance(raw_routes, list):
-        problems.append("routes: must be an array of tables ([[routes]]); see config/credgate.example.toml")
-        return []
-    routes: list[Route] = []
-    seen: set[str] = set()
-    for index, raw in enumerate(raw_routes):
-        where = f"routes[{index}]"
-        if not isinstance(raw, dict):
-            problems.append(f"{where}: must be a table with prefix and upstream")
-            continue
-        route = _build_route(raw, where, seen, problems)
-        if route is not None:
-            routes.append(route)
-    return routes
-
-
-def _route_prefix(raw: dict[str, Any], where: str, seen: set[str], problems: list[str]) -> str:
-    prefix = raw.get("prefix")
-    if not isinstance(prefix, str) or not prefix.startswith("/"):
-        problems.append(f"{where}.prefix: a path starting with '/' is required, e.g. prefix = \"/api\"")
-        prefix = "/"
-    elif any(c in prefix for c in ";%\\#?") or "//" in prefix or "/./" in prefix + "/" or "/../" in prefix + "/":
-        problems.append(
-            f"{where}.prefix: {prefix!r} must be a plain normalised path (no ; % \\ # ? // or dot segments)"
-        )
-    normal = prefix.rstrip("/") or "/"
-    if normal in seen:
-        problems.append(f"{where}.prefix: {normal!r} is defined twice; keep one route per prefix")
-    seen.add(normal)
-    return normal
-
-
-def _route_upstream(raw: dict[str, Any], where: str, problems: list[str]) -> Upstream | None:
-    text = raw.get("upstream")
-    if not isinstance(text, str):
-        problems.append(f'{where}.upstream: a URL is required, e.g. upstream = "http://127.0.0.1:9000"')
-        return None
-    try:
-        return parse_upstream(text)
-    except ValueError as exc:
-        problems.append(f"{where}.upstream: {exc}")
-        return None
-
-
-def _build_route(raw: dict[str, Any], where: str, seen: set[str], problems: list[str]) -> Route | None:
-    """One [[routes]] table, or None with its problems appended."""
-    before = len(problems)
-    for key in raw:
-        if key not in _ROUTE_KEYS:
-            problems.append(f"{where}.{key}: unknown key; allowed: {', '.join(sorted(_ROUTE_KEYS))}")
-    normal = _route_prefix(raw, where, seen, problems)
-    upstream = _route_upstream(raw, where, problems)
-    auth = raw.get("auth", "required")
-    if auth not in ("required", "none"):
-        problems.append(f'{where}.auth: must be "required" or "none", got {auth!r}')
-    groups = raw.get("groups", [])
-    if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
-        problems.append(f'{where}.groups: a list of group names expected, e.g. groups = ["finance"]')
-        groups = []
-    flags = {key: raw.get(key, False) for key in ("strip_prefix", "preserve_host")}
-    problems.extend(f"{where}.{key}: true or false expected" for key, v in flags.items() if not isinstance(v, bool))
-    timeouts = {}
-    for key, default in (("connect_timeout", 5.0), ("read_timeout", 60.0)):
-        value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            problems.append(f"{where}.{key}: a positive number of seconds expected")
-            value = default
-        timeouts[key] = float(value)
-    name = raw.get("name") or normal
-    if not isinstance(name, str):
-        problems.append(f"{where}.name: a string expected")
-        name = normal
-    if len(problems) > before or upstream is None:
-        return None
-    return Route(
-        prefix=normal,
-        upstream=upstream,
-        auth_required=auth == "required",
-        groups=frozenset(groups),
-        strip_prefix=bool(flags["strip_prefix"]),
-        preserve_host=bool(flags["preserve_host"]),
-        connect_timeout=timeouts["connect_timeout"],
-        read_timeout=timeouts["read_timeout"],
-        name=name,
-    )
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -549,13 +399,10 @@ __all__ = [
     "Limits",
     "OAuthSettings",
     "PolicySettings",
-    "Secret",
-    "SecretURL",
     "Settings",
     "SettingsError",
     "ThrottleSettings",
     "exit_on_error",
     "load_settings",
     "parse_listen",
-    "redact_url",
 ]

@@ -1,14 +1,15 @@
-"""The Postgres store: migrations and every SQL statement credgate runs, as constants, with thin asyncpg calls."""
+"""The Postgres store: every SQL statement credgate runs, as constants, the typed pool, and thin asyncpg calls."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import date, datetime
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol, cast
 
 import asyncpg
 
@@ -18,8 +19,49 @@ NOTIFY_CHANNEL = "credgate_auth"
 # Arbitrary constant shared by every credgate process: serialises concurrent `credgate migrate` runs.
 MIGRATION_LOCK_ID = 0x63726564_67617465 & 0x7FFFFFFFFFFFFFFF
 
-Connection = Any  # asyncpg.Connection | asyncpg.pool.PoolConnectionProxy (asyncpg ships no type hints)
-Pool = Any
+
+# --- the asyncpg calls credgate makes, typed (asyncpg ships no type hints) -----------------------------------
+
+
+class Record(Protocol):
+    """A result row (asyncpg.Record), read by column name or position."""
+
+    def __getitem__(self, key: str | int, /) -> Any: ...
+
+    def get(self, key: str, default: Any = None, /) -> Any: ...
+
+    def __iter__(self) -> Iterator[Any]: ...  # the values, in column order
+
+
+class _Queries(Protocol):
+    """What a pool and a connection both run; on a pool, each call borrows a connection for itself."""
+
+    async def execute(self, query: str, *args: Any) -> str: ...
+
+    async def fetch(self, query: str, *args: Any) -> list[Record]: ...
+
+    async def fetchrow(self, query: str, *args: Any) -> Record | None: ...
+
+    # asyncpg's own per-statement timeout (the readiness probe bounds its ping with it)
+    async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any: ...  # noqa: ASYNC109
+
+
+class Connection(_Queries, Protocol):
+    """One connection (asyncpg.Connection, or the proxy a pool hands out)."""
+
+    def transaction(self) -> AbstractAsyncContextManager[None]: ...
+
+
+class Pool(_Queries, Protocol):
+    """An asyncpg pool, as made by create_pool."""
+
+    def acquire(self, *, timeout: float | None = None) -> AbstractAsyncContextManager[Connection]: ...
+
+    async def close(self) -> None: ...
+
+    def get_size(self) -> int: ...
+
+    def get_idle_size(self) -> int: ...
 
 
 def _json_encode(value: Any) -> str:
@@ -35,10 +77,10 @@ def _json_default(value: Any) -> Any:
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> Pool:
     """An asyncpg pool; statement cache on, JSON codec for jsonb columns."""
 
-    async def init(conn: Connection) -> None:
+    async def init(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec("jsonb", encoder=_json_encode, decoder=json.loads, schema="pg_catalog")
 
-    return await asyncpg.create_pool(
+    pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
@@ -46,7 +88,11 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> Poo
         command_timeout=30,
         server_settings={"application_name": "credgate"},
     )
+    return cast(Pool, pool)  # the one place asyncpg's untyped pool enters
 
+
+# Health and readiness probes: the cheapest statement that still needs a working connection.
+PING = "SELECT 1"
 
 # --- migrations -------------------------------------------------------------------------------------------
 
@@ -55,6 +101,12 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     version    text PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now()
 )"""
+LOCK_MIGRATIONS = "SELECT pg_advisory_lock($1)"
+UNLOCK_MIGRATIONS = "SELECT pg_advisory_unlock($1)"
+APPLIED_MIGRATIONS = "SELECT version FROM schema_migrations"
+RECORD_MIGRATION = "INSERT INTO schema_migrations (version) VALUES ($1)"
+# The newest table the admin service needs: absent means `credgate migrate` has not run.
+SCHEMA_CHECK = "SELECT to_regclass('admin_idempotency_keys') IS NOT NULL"
 
 
 def migration_files() -> list[tuple[str, str]]:
@@ -70,33 +122,38 @@ async def migrate(conn: Connection) -> list[str]:
     A session-level advisory lock makes concurrent runs wait for each other, so two processes migrating
     at once end with one schema; a second run applies nothing.
     """
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+    await conn.execute(LOCK_MIGRATIONS, MIGRATION_LOCK_ID)
     try:
         await conn.execute(CREATE_MIGRATIONS_TABLE)
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        done = {r["version"] for r in await conn.fetch(APPLIED_MIGRATIONS)}
         applied: list[str] = []
         for version, sql in migration_files():
             if version in done:
                 continue
             async with conn.transaction():
                 await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+                await conn.execute(RECORD_MIGRATION, version)
             logger.info("applied migration %s", version)
             applied.append(version)
         return applied
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+        await conn.execute(UNLOCK_MIGRATIONS, MIGRATION_LOCK_ID)
+
+
+def _group_names_of(principal_id: str) -> str:
+    """The names of a principal's groups, sorted; `principal_id` is a parameter or a column of the outer query."""
+    return f"""SELECT g.name FROM memberships m JOIN permission_groups g ON g.id = m.group_id
+WHERE m.principal_id = {principal_id} ORDER BY g.name"""
 
 
 # --- authentication lookup (gateway hot path on a cache miss) ----------------------------------------------
 
-AUTH_LOOKUP = """
+AUTH_LOOKUP = f"""
 SELECT c.id, c.public_id, c.kind, c.secret_hash, c.previous_secret_hash, c.previous_expires_at,
        c.name, c.expires_at, c.revoked_at, c.created_by, c.creator_id,
        o.id AS owner_id, o.name AS owner_name, (o.disabled OR o.deleted_at IS NOT NULL) AS owner_disabled,
        cr.name AS creator_name,
-       ARRAY(SELECT g.name FROM memberships m JOIN permission_groups g ON g.id = m.group_id
-             WHERE m.principal_id = o.id ORDER BY g.name) AS groups
+       ARRAY({_group_names_of("o.id")}) AS groups
 FROM credentials c
 JOIN principals o ON o.id = c.owner_id
 LEFT JOIN principals cr ON cr.id = c.creator_id
@@ -131,7 +188,7 @@ async def fetch_auth_record(conn: Connection, public_id: str) -> AuthRecord | No
     return None if row is None else record_from_row(row)
 
 
-def record_from_row(row: Any) -> AuthRecord:
+def record_from_row(row: Record) -> AuthRecord:
     return AuthRecord(
         id=row["id"],
         public_id=row["public_id"],
@@ -151,7 +208,8 @@ def record_from_row(row: Any) -> AuthRecord:
 
 
 UPDATE_SECRET_HASH = "UPDATE credentials SET secret_hash = $2 WHERE public_id = $1 AND secret_hash = $3"
-
+# The invalidation listener's question when a principal changes: which cached credentials does it own?
+CREDENTIAL_IDS_OF_OWNER = "SELECT public_id FROM credentials WHERE owner_id = $1"
 
 # --- principals ---------------------------------------------------------------------------------------------
 
@@ -163,24 +221,19 @@ RETURNING {PRINCIPAL_COLUMNS}"""
 PRINCIPAL_BY_NAME = f"SELECT {PRINCIPAL_COLUMNS} FROM principals WHERE name = $1 AND deleted_at IS NULL"
 PRINCIPAL_BY_ID = f"SELECT {PRINCIPAL_COLUMNS} FROM principals WHERE id = $1"
 LIST_PRINCIPALS = f"""
-SELECT {PRINCIPAL_COLUMNS},
-       ARRAY(SELECT g.name FROM memberships m JOIN permission_groups g ON g.id = m.group_id
-             WHERE m.principal_id = p.id ORDER BY g.name) AS groups
+SELECT {PRINCIPAL_COLUMNS}, ARRAY({_group_names_of("p.id")}) AS groups
 FROM principals p
 WHERE deleted_at IS NULL AND ($1::text IS NULL OR kind = $1) AND id > $2
 ORDER BY id LIMIT $3"""
 SET_PRINCIPAL_DISABLED = f"""
 UPDATE principals SET disabled = $2, updated_at = now() WHERE id = $1 RETURNING {PRINCIPAL_COLUMNS}"""
-SET_PRINCIPAL_ADMIN = f"""
-UPDATE principals SET is_admin = $2, updated_at = now() WHERE id = $1 RETURNING {PRINCIPAL_COLUMNS}"""
 SET_PASSWORD_HASH = "UPDATE principals SET password_hash = $2, updated_at = now() WHERE id = $1"
+# After a successful login with a hash made under older argon2 parameters (only if it did not change since).
+REHASH_PASSWORD = "UPDATE principals SET password_hash = $2 WHERE id = $1 AND password_hash = $3"
 MARK_PRINCIPAL_DELETED = """
 UPDATE principals SET deleted_at = now(), disabled = true, password_hash = NULL, updated_at = now(),
        name = name || '~deleted~' || id WHERE id = $1"""
-PRINCIPAL_GROUPS = """
-SELECT g.name FROM memberships m JOIN permission_groups g ON g.id = m.group_id
-WHERE m.principal_id = $1 ORDER BY g.name"""
-COUNT_ADMINS = "SELECT count(*) FROM principals WHERE is_admin AND NOT disabled AND deleted_at IS NULL"
+PRINCIPAL_GROUPS = _group_names_of("$1")
 
 # --- groups -------------------------------------------------------------------------------------------------
 
@@ -188,11 +241,14 @@ INSERT_GROUP = (
     "INSERT INTO permission_groups (name, description) VALUES ($1, $2) RETURNING id, name, description, created_at"
 )
 GROUP_BY_NAME = "SELECT id, name, description, created_at FROM permission_groups WHERE name = $1"
-LIST_GROUPS = """
+_GROUPS_WITH_MEMBERS = """
 SELECT g.id, g.name, g.description, g.created_at,
        ARRAY(SELECT p.name FROM memberships m JOIN principals p ON p.id = m.principal_id
              WHERE m.group_id = g.id AND p.deleted_at IS NULL ORDER BY p.name) AS members
-FROM permission_groups g ORDER BY g.name"""
+FROM permission_groups g"""
+LIST_GROUPS = f"{_GROUPS_WITH_MEMBERS} ORDER BY g.name"
+LIST_GROUPS_PAGE = f"{_GROUPS_WITH_MEMBERS} WHERE g.name > $1 ORDER BY g.name LIMIT $2"
+GROUP_WITH_MEMBERS = f"{_GROUPS_WITH_MEMBERS} WHERE g.name = $1"
 DELETE_GROUP = "DELETE FROM permission_groups WHERE id = $1"
 ADD_MEMBER = """
 INSERT INTO memberships (principal_id, group_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING principal_id"""
@@ -224,25 +280,25 @@ WHERE ($1::bigint IS NULL OR c.owner_id = $1)
         ELSE 'valid' END)
   AND c.id > $5
 ORDER BY c.id LIMIT $6"""
+# The end of a rotation's grace period, by the database's clock like every other timestamp it compares.
+NOW_PLUS_SECONDS = "SELECT now() + make_interval(secs => $1)"
 ROTATE_CREDENTIAL = """
 UPDATE credentials SET
     previous_secret_hash = CASE WHEN $3::timestamptz IS NULL THEN NULL ELSE secret_hash END,
     previous_expires_at = $3, secret_hash = $2, rotated_at = now(), updated_at = now()
 WHERE public_id = $1 AND revoked_at IS NULL RETURNING id"""
-REVOKE_CREDENTIAL = """
+# Revoking also ends a rotation's grace period: the previous secret goes with the current one.
+_REVOKE = """
 UPDATE credentials SET revoked_at = now(), previous_secret_hash = NULL, previous_expires_at = NULL,
-       updated_at = now()
-WHERE public_id = $1 AND revoked_at IS NULL RETURNING id"""
-REVOKE_OWNER_CREDENTIALS = """
-UPDATE credentials SET revoked_at = now(), previous_secret_hash = NULL, previous_expires_at = NULL,
-       updated_at = now()
-WHERE owner_id = $1 AND revoked_at IS NULL RETURNING public_id"""
+       updated_at = now()"""
+REVOKE_CREDENTIAL = f"{_REVOKE}\nWHERE public_id = $1 AND revoked_at IS NULL RETURNING id"
+REVOKE_OWNER_CREDENTIALS = f"{_REVOKE}\nWHERE owner_id = $1 AND revoked_at IS NULL RETURNING public_id"
 UPDATE_CREDENTIAL = """
 UPDATE credentials SET name = $2, expires_at = $3, owner_id = $4, updated_at = now()
 WHERE public_id = $1 AND revoked_at IS NULL RETURNING id"""
 
 
-def credential_status(row: Mapping[str, Any], now: datetime) -> str:
+def credential_status(row: Record, now: datetime) -> str:
     """valid / expired / suspended / revoked, derived the same way as LIST_CREDENTIALS' status filter."""
     if row["revoked_at"] is not None:
         return "revoked"
@@ -252,6 +308,21 @@ def credential_status(row: Mapping[str, Any], now: datetime) -> str:
         return "suspended"
     return "valid"
 
+
+# One scan for the admin's credential gauges (statuses as in credential_status; expiring = still valid).
+CREDENTIAL_GAUGES = """
+SELECT
+  count(*) FILTER (WHERE c.revoked_at IS NOT NULL) AS revoked,
+  count(*) FILTER (WHERE c.revoked_at IS NULL AND c.expires_at <= now()) AS expired,
+  count(*) FILTER (WHERE c.revoked_at IS NULL AND (c.expires_at IS NULL OR c.expires_at > now())
+                   AND (o.disabled OR o.deleted_at IS NOT NULL)) AS suspended,
+  count(*) FILTER (WHERE c.revoked_at IS NULL AND (c.expires_at IS NULL OR c.expires_at > now())
+                   AND NOT (o.disabled OR o.deleted_at IS NOT NULL)) AS valid,
+  count(*) FILTER (WHERE c.revoked_at IS NULL AND NOT (o.disabled OR o.deleted_at IS NOT NULL)
+                   AND c.expires_at > now() AND c.expires_at <= now() + interval '7 days') AS expiring_7d,
+  count(*) FILTER (WHERE c.revoked_at IS NULL AND NOT (o.disabled OR o.deleted_at IS NOT NULL)
+                   AND c.expires_at > now() AND c.expires_at <= now() + interval '30 days') AS expiring_30d
+FROM credentials c JOIN principals o ON o.id = c.owner_id"""
 
 # --- audit --------------------------------------------------------------------------------------------------
 
@@ -282,18 +353,8 @@ async def write_audit(
     conn: Connection, actor: Actor, action: str, target_type: str, target: str, changes: Mapping[str, Any] | None = None
 ) -> None:
     """Append one audit event; call inside the transaction that makes the change."""
-    await conn.execute(
-        INSERT_AUDIT,
-        actor.label,
-        actor.principal_id,
-        actor.auth_method,
-        action,
-        target_type,
-        target,
-        _json_encode(dict(changes or {})),
-        actor.request_id,
-        actor.source,
-    )
+    await conn.execute(INSERT_AUDIT, actor.label, actor.principal_id, actor.auth_method, action, target_type, target,
+                       _json_encode(dict(changes or {})), actor.request_id, actor.source)
 
 
 # --- usage --------------------------------------------------------------------------------------------------
@@ -324,15 +385,26 @@ async def write_usage(
             await conn.execute(TOUCH_LAST_USED, ids, [last_used[i] for i in ids])
 
 
-def rows_to_dicts(rows: Iterable[Any]) -> list[dict[str, Any]]:
-    return [dict(r) for r in rows]
+# --- OAuth access-token denylist (migration 003; see gateway.denylist) ------------------------------------
 
+COUNT_LIVE_REVOKED = "SELECT count(*) FROM oauth_revoked_tokens WHERE public_id = $1 AND expires_at > now()"
+INSERT_REVOKED_TOKEN = """
+INSERT INTO oauth_revoked_tokens (jti, public_id, expires_at) VALUES ($1, $2, to_timestamp($3))
+ON CONFLICT (jti) DO NOTHING"""
+UPSERT_REVOKED_BEFORE = """
+INSERT INTO oauth_revoked_before (public_id, issued_before, expires_at) VALUES ($1, $2, to_timestamp($3))
+ON CONFLICT (public_id) DO UPDATE SET
+    issued_before = GREATEST(oauth_revoked_before.issued_before, EXCLUDED.issued_before),
+    expires_at = GREATEST(oauth_revoked_before.expires_at, EXCLUDED.expires_at), revoked_at = now()"""
+PRUNE_REVOKED_TOKENS = "DELETE FROM oauth_revoked_tokens WHERE expires_at <= now()"
+PRUNE_REVOKED_BEFORE = "DELETE FROM oauth_revoked_before WHERE expires_at <= now()"
+LIVE_REVOKED_TOKENS = """
+SELECT jti, extract(epoch FROM expires_at)::float8 AS exp FROM oauth_revoked_tokens WHERE expires_at > now()"""
+LIVE_REVOKED_BEFORE = """
+SELECT public_id, issued_before, extract(epoch FROM expires_at)::float8 AS exp
+FROM oauth_revoked_before WHERE expires_at > now()"""
 
-def first_column(rows: Sequence[Any]) -> list[Any]:
-    return [r[0] for r in rows]
-
-
-# --- admin service (migration 002): sessions, login throttle, rotate idempotency, gauges ------------------
+# --- admin service (migration 002): sessions, login throttle, rotate idempotency ---------------------------
 
 INSERT_ADMIN_SESSION = """
 INSERT INTO admin_sessions (id_hash, principal_id, expires_at, source)
@@ -369,32 +441,3 @@ SELECT credential_public_id, fingerprint, created_at FROM admin_idempotency_keys
 WHERE principal_id = $1 AND key_hash = $2"""
 RELEASE_IDEMPOTENCY_KEY = "DELETE FROM admin_idempotency_keys WHERE principal_id = $1 AND key_hash = $2"
 PRUNE_IDEMPOTENCY_KEYS = "DELETE FROM admin_idempotency_keys WHERE created_at <= now() - make_interval(secs => $1)"
-
-LIST_GROUPS_PAGE = """
-SELECT g.id, g.name, g.description, g.created_at,
-       ARRAY(SELECT p.name FROM memberships m JOIN principals p ON p.id = m.principal_id
-             WHERE m.group_id = g.id AND p.deleted_at IS NULL ORDER BY p.name) AS members
-FROM permission_groups g WHERE g.name > $1 ORDER BY g.name LIMIT $2"""
-GROUP_WITH_MEMBERS = """
-SELECT g.id, g.name, g.description, g.created_at,
-       ARRAY(SELECT p.name FROM memberships m JOIN principals p ON p.id = m.principal_id
-             WHERE m.group_id = g.id AND p.deleted_at IS NULL ORDER BY p.name) AS members
-FROM permission_groups g WHERE g.name = $1"""
-
-# One scan for the admin's credential gauges (statuses as in credential_status; expiring = still valid).
-CREDENTIAL_GAUGES = """
-SELECT
-  count(*) FILTER (WHERE c.revoked_at IS NOT NULL) AS revoked,
-  count(*) FILTER (WHERE c.revoked_at IS NULL AND c.expires_at <= now()) AS expired,
-  count(*) FILTER (WHERE c.revoked_at IS NULL AND (c.expires_at IS NULL OR c.expires_at > now())
-                   AND (o.disabled OR o.deleted_at IS NOT NULL)) AS suspended,
-  count(*) FILTER (WHERE c.revoked_at IS NULL AND (c.expires_at IS NULL OR c.expires_at > now())
-                   AND NOT (o.disabled OR o.deleted_at IS NOT NULL)) AS valid,
-  count(*) FILTER (WHERE c.revoked_at IS NULL AND NOT (o.disabled OR o.deleted_at IS NOT NULL)
-                   AND c.expires_at > now() AND c.expires_at <= now() + interval '7 days') AS expiring_7d,
-  count(*) FILTER (WHERE c.revoked_at IS NULL AND NOT (o.disabled OR o.deleted_at IS NOT NULL)
-                   AND c.expires_at > now() AND c.expires_at <= now() + interval '30 days') AS expiring_30d
-FROM credentials c JOIN principals o ON o.id = c.owner_id"""
-
-# After a successful login with a hash made under older argon2 parameters (only if it did not change since).
-REHASH_PASSWORD = "UPDATE principals SET password_hash = $2 WHERE id = $1 AND password_hash = $3"

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from gateway.cache import credential_key
+from gateway.redis_tier import credential_key
 from tests.bench import bench_bulk, bench_procs, bench_servers
 from tests.bench.bench_servers import Gateway, log
 from tests.bench.bench_wrk import Load, rotation_script, run_wrk

@@ -33,9 +33,10 @@ def _rss_bytes() -> int:
 def fill(count: int) -> Any:
     from datetime import UTC, datetime, timedelta
 
-    from gateway.cache import CachedCredential, MemoryCache
     from gateway.core.store import AuthRecord
+    from gateway.entry import CachedCredential
     from gateway.headers import identity_block, make_policy
+    from gateway.memory import MemoryCache
 
     names = ["X-Auth-User-Id", "X-Auth-User", "X-Auth-Groups", "X-Auth-Credential-Id", "X-Auth-Credential-Name",
              "X-Auth-Method"]
@@ -65,8 +66,6 @@ def fill(count: int) -> Any:
 
 def measure(count: int, how: str) -> dict[str, int]:
     # import first so module code and its objects are not counted
-    import gateway.cache
-    import gateway.headers  # noqa: F401
 
     gc.collect()
     if how == "tracemalloc":

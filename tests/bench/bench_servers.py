@@ -144,7 +144,7 @@ def open_stores(work: Path, *, force_embedded: bool = False) -> Stores:
         admin_url = LOCAL_PG
         described.append("local PostgreSQL 127.0.0.1:5432")
     else:
-        from admin.devenv.embedded import EmbeddedPostgres
+        from admin.devenv.postgres_server import EmbeddedPostgres
 
         pg = EmbeddedPostgres(work / "pg")
         pg.start()
@@ -155,7 +155,7 @@ def open_stores(work: Path, *, force_embedded: bool = False) -> Stores:
         redis_url = f"redis://127.0.0.1:6379/{BENCH_REDIS_DB}"
         described.append(f"local Redis 127.0.0.1:6379 db {BENCH_REDIS_DB}")
     else:
-        from admin.devenv.embedded import EmbeddedRedis
+        from admin.devenv.redis_server import EmbeddedRedis
 
         rd = EmbeddedRedis(work / "redis")
         rd.start()
@@ -305,6 +305,7 @@ def start_gateway(
     access_log: Path,
     extra_env: dict[str, str] | None = None,
     timeout: float = 60.0,
+    python: str = sys.executable,
 ) -> Gateway:
     """`credgate gateway` with N workers, started pinned to cpus; returns once every worker serves."""
     port, metrics_port = free_port(), free_port()
@@ -312,7 +313,7 @@ def start_gateway(
     run_env.update({"CREDGATE_GATEWAY_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
                     "CREDGATE_GATEWAY_ACCESS_LOG": str(access_log)})
     run_env.update(extra_env or {})
-    process = procs.start(name, [sys.executable, "-m", "admin", "gateway", "--listen", f"127.0.0.1:{port}",
+    process = procs.start(name, [python, "-m", "admin", "gateway", "--listen", f"127.0.0.1:{port}",
                                  "--workers", str(workers)], env=run_env, cpus=cpus)
     log_path = procs.log_path(name)
     deadline = time.monotonic() + timeout

@@ -60,6 +60,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--stream-mb", type=int, default=200, help="streamed body size in MB (200)")
     ap.add_argument("--profile", default="",
                     help="comma list of closed-loop scenarios to profile with py-spy in run 1 (needs py-spy)")
+    ap.add_argument("--compare", default="",
+                    help="another checkout with its own .venv: adds its cached-bearer row (credgate-bearer-base)")
     ap.add_argument("--embedded", action="store_true",
                     help="use embedded Postgres and Redis even when local ones answer on 5432/6379")
     ap.add_argument("--keep-access-log", action="store_true",
@@ -116,6 +118,21 @@ def build_scenarios(backend: Nginx, sut_nginx: Nginx | None, gw1: Gateway, gw2: 
     return scenarios
 
 
+def compared(procs: Processes, env: dict[str, str], cpus: set[int], out: Path, tree: str,
+             creds: BenchCredentials, gateways: list[Gateway]) -> list[Scenario]:
+    """With --compare TREE: the cached-bearer row for another checkout's code (its own .venv), interleaved
+    with this tree's rows, so that a before/after comes from one run."""
+    if not tree:
+        return []
+    python = str(Path(tree).resolve() / ".venv" / "bin" / "python")
+    gw = bench_servers.start_gateway(procs, "gateway-base", env, workers=1, cpus=cpus,
+                                     access_log=out / "access-base.log", python=python)
+    gateways.append(gw)
+    bearer = (("Authorization", f"Bearer {creds.token}"),)
+    return [Scenario("credgate-bearer-base", f"{gw.url}/", bearer, lambda: list(gw.workers),
+                     f"1 worker, cached bearer token, code of {tree}", must_reject=True)]
+
+
 def main() -> int:
     args = parse_args()
     tools = bench_servers.ensure_tools()
@@ -164,8 +181,10 @@ def main() -> int:
         gw2 = bench_servers.start_gateway(procs, "gateway-2w", env, workers=2, cpus=aux,
                                           access_log=out / "access-2w.log")
         gateways += [gw1, gw2]
+        scenarios = build_scenarios(backend, sut_nginx, gw1, gw2, creds)
+        scenarios += compared(procs, env, aux, out, args.compare, creds, gateways)
         layout = Layout(args.sut_cpu, args.aux_cpu, lambda: backend.pids)
-        scenarios = bench_loop.sanity_check(build_scenarios(backend, sut_nginx, gw1, gw2, creds))
+        scenarios = bench_loop.sanity_check(scenarios)
         summary.scenarios = scenarios
         profiled = [p for p in args.profile.split(",") if p]
         if profiled and bench_profile.py_spy() is None:

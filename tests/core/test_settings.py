@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.core.settings import Secret, SecretURL, SettingsError, load_settings
+from gateway.core.redaction import Secret, SecretURL
+from gateway.core.settings import SettingsError, load_settings
 
 KEY = "k" * 40
 BASE_ENV = {"CREDGATE_SECRET_KEY": KEY, "CREDGATE_DATABASE_URL": "postgresql://u:pw@127.0.0.1:5432/db"}

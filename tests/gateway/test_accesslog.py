@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.accesslog import FIELDS, AccessLog, rfc3339
+from gateway.accesslog import FIELDS, AccessLog, AccessRecord, rfc3339
 from gateway.core.formats import generate_key_secret, generate_token
 from tests.support import Upstream, cli, free_port, running_gateway, write_config
 
@@ -116,13 +116,11 @@ import asyncio, sys
 from gateway.accesslog import AccessLog
 
 async def main() -> None:
-    log = AccessLog("stdout")
-    log.start()
-    for i in range(3000):
-        log.write({"worker": sys.argv[1], "i": i, "path": "/p/" + "x" * (i % 700)})
-        if i % 100 == 0:
-            await asyncio.sleep(0)
-    await log.close()
+    async with AccessLog("stdout").running() as log:
+        for i in range(3000):
+            log.write({"worker": sys.argv[1], "i": i, "path": "/p/" + "x" * (i % 700)})
+            if i % 100 == 0:
+                await asyncio.sleep(0)
 
 asyncio.run(main())
 """
@@ -146,10 +144,8 @@ def test_concurrent_workers_never_split_a_line() -> None:
 async def test_file_target_appends_and_off_writes_nothing(tmp_path: Path) -> None:
     target = tmp_path / "access.log"
     target.write_bytes(b'{"earlier":true}\n')
-    log = AccessLog(str(target))
-    log.start()
-    log.write({"a": "\u00e9\n\"", "n": 1})
-    await log.close()
+    async with AccessLog(str(target)).running() as log:
+        log.write({"a": "\u00e9\n\"", "n": 1})
     assert [json.loads(line) for line in target.read_bytes().splitlines()] == [{"earlier": True},
                                                                                {"a": "\u00e9\n\"", "n": 1}]
     assert target.stat().st_mode & 0o777 in (0o640, 0o600, 0o644)
@@ -165,11 +161,12 @@ async def test_request_line_escapes_and_nulls(tmp_path: Path) -> None:
     target = tmp_path / "access.log"
     log = AccessLog(str(target))
     nasty_path = b'/a"b\\c/\xe9\x00\x7f</script>'
-    log.request(b"rid-1", "::1", "GET", "api", nasty_path, 200, 12, 0.0012345, None, "", "none", "", "", "", "")
-    log.request(b"rid-2", "10.0.0.1", "POST", "api", b"/x", 401, 99, 0.5, 0.25, "basic", "invalid", "", "", "",
-                "invalid_token")
-    log.request(b"rid-3", "10.0.0.1", "GET", "api", b"/y", 200, 0, 1.0, 0.9995, "bearer", "ok", "AbCdEfGhIjKl",
-                "svc", 'cli:"root"', "")
+    log.request(AccessRecord(b"rid-1", "::1", "GET", "api", nasty_path, 200, 12, 0.0012345, None, "", "none", "",
+                             "", "", ""))
+    log.request(AccessRecord(b"rid-2", "10.0.0.1", "POST", "api", b"/x", 401, 99, 0.5, 0.25, "basic", "invalid", "",
+                             "", "", "invalid_token"))
+    log.request(AccessRecord(b"rid-3", "10.0.0.1", "GET", "api", b"/y", 200, 0, 1.0, 0.9995, "bearer", "ok",
+                             "AbCdEfGhIjKl", "svc", 'cli:"root"', ""))
     await log.close()
     raw = target.read_bytes()
     assert raw.isascii() and raw.count(b"\n") == 3
@@ -184,17 +181,13 @@ async def test_request_line_escapes_and_nulls(tmp_path: Path) -> None:
 
 async def test_periodic_flush_without_close(tmp_path: Path) -> None:
     target = tmp_path / "access.log"
-    log = AccessLog(str(target))
-    log.start()
-    try:
+    async with AccessLog(str(target)).running() as log:
         log.write({"a": 1})
         for _ in range(50):
             if target.read_bytes():
                 break
             await asyncio.sleep(0.05)
         assert target.read_bytes() == b'{"a":1}\n'
-    finally:
-        await log.close()
 
 
 @pytest.mark.parametrize("epoch, text", [

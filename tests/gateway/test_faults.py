@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.cache import credential_key
 from gateway.core.formats import generate_token, new_public_id
+from gateway.redis_tier import credential_key
 from tests.support import (
     GatewayProcess,
     Upstream,

@@ -1,25 +1,19 @@
-"""Tests for gateway.headers: what reaches the upstream, what the gateway sets, and what responses keep."""
+"""Tests for gateway.headers and gateway.request_head: what reaches the upstream and what the gateway sets; and
+the request id rule (gateway.core.request_id). What responses keep is tested on the data plane (test_proxy)."""
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.headers import (
-    HeaderPolicy,
-    identity_block,
-    is_websocket_upgrade,
-    make_policy,
-    new_request_id,
-    response_headers_filter,
-    scan_request_headers,
-    upstream_request_head,
-    valid_request_id,
-)
+from gateway.core.request_id import new_request_id, request_id_text, valid_request_id
+from gateway.headers import HeaderPolicy, identity_block, is_websocket_upgrade, make_policy, scan_request_headers
+from gateway.request_head import upstream_request_head
 
 IDENTITY_NAMES = ("X-Auth-User-Id", "X-Auth-User", "X-Auth-Groups", "X-Auth-Credential-Id",
                   "X-Auth-Credential-Name", "X-Auth-Method", "X-Auth-Scope")
@@ -300,9 +294,9 @@ def test_is_websocket_upgrade(method: bytes, headers: H, expected: bool) -> None
         ({"identity_headers": [], "via": ""}, "printable ASCII"),
     ],
 )
-def test_make_policy_rejects_bad_configuration(kwargs: dict[str, object], message: str) -> None:
+def test_make_policy_rejects_bad_configuration(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        make_policy(**kwargs)  # type: ignore[arg-type]
+        make_policy(**kwargs)
 
 
 def test_make_policy_accepts_str_bytes_and_networks() -> None:
@@ -352,31 +346,6 @@ def test_identity_block_rejects_unknown_names() -> None:
 
 
 @pytest.mark.parametrize(
-    ("headers", "upgrade", "expected"),
-    [
-        ([(b"Content-Type", b"text/plain"), (b"Content-Length", b"5"), (b"Set-Cookie", b"a=1")], False,
-         [(b"Content-Type", b"text/plain"), (b"Content-Length", b"5"), (b"Set-Cookie", b"a=1")]),
-        ([(b"Connection", b"keep-alive"), (b"Keep-Alive", b"timeout=5"), (b"Transfer-Encoding", b"chunked"),
-          (b"TE", b"x"), (b"Trailer", b"X-Sum"), (b"Upgrade", b"h2c"), (b"Proxy-Authenticate", b"Basic"),
-          (b"Proxy-Connection", b"close"), (b"Date", b"today")], False,
-         [(b"Date", b"today")]),
-        ([(b"Connection", b"X-Internal, close"), (b"X-Internal", b"secret"), (b"x-internal", b"2"),
-          (b"X-Public", b"1")], False,
-         [(b"X-Public", b"1")]),
-        ([(b"Connection", b"Content-Length, X-Gone"), (b"Content-Length", b"5"), (b"X-Gone", b"1")], False,
-         [(b"Content-Length", b"5")]),
-        ([(b"Connection", b"Upgrade, X-Internal"), (b"Upgrade", b"websocket"), (b"X-Internal", b"1"),
-          (b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")], True,
-         [(b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), (b"Upgrade", b"websocket"),
-          (b"Connection", b"Upgrade")]),
-        ([(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")], False, []),
-    ],
-)
-def test_response_headers_filter(headers: H, upgrade: bool, expected: H) -> None:
-    assert response_headers_filter(headers, upgrade=upgrade) == expected
-
-
-@pytest.mark.parametrize(
     ("value", "expected"),
     [
         (b"a", True),
@@ -404,6 +373,18 @@ def test_new_request_id() -> None:
     for request_id in ids:
         assert len(request_id) == 32 and valid_request_id(request_id)
         int(request_id, 16)
+
+
+@pytest.mark.parametrize("sent", ["trace-123", "svc.region:req_42-x", "x" * 128])
+def test_request_id_text_keeps_a_valid_id(sent: str) -> None:
+    assert request_id_text(sent) == sent
+
+
+@pytest.mark.parametrize("sent", ["", "bad id\u00e9", "caf\u00e9", "x" * 129, "a/b", "a\r\nX-Evil: 1"])
+def test_request_id_text_replaces_an_invalid_one(sent: str) -> None:
+    made = request_id_text(sent)
+    assert made != sent and len(made) == 32
+    int(made, 16)
 
 
 # Header names hypothesis draws from: the ones the policy treats specially, their look-alikes, others.

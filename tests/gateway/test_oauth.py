@@ -21,14 +21,16 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "The httpx module is deprecated")
     from authlib.integrations.httpx_client import AsyncOAuth2Client
 from admin import lifecycle
-from gateway.app import Note
 from gateway.auth import Authenticator
-from gateway.cache import MemoryCache, RedisTier
 from gateway.core import hashing, store
 from gateway.core.formats import client_id_for, generate_key_secret, new_public_id
 from gateway.core.settings import Settings
 from gateway.denylist import TokenDenylist
+from gateway.exchange import Exchange, Note, Respond
+from gateway.grants import AccessTokenVerifier, Grant
 from gateway.headers import make_policy
+from gateway.lookup import CredentialLookup
+from gateway.memory import MemoryCache
 from gateway.oauth import (
     FORM_LIMIT,
     METADATA_PATH,
@@ -38,9 +40,9 @@ from gateway.oauth import (
     parse_form,
     parse_scope,
 )
-from gateway.proxy import Exchange, Respond
+from gateway.redis_tier import RedisTier
 from gateway.throttle import FailureThrottle
-from gateway.tokens import AccessTokenVerifier, Grant, SigningKeys
+from gateway.tokens import SigningKeys
 from tests.conftest import TEST_SECRET_KEY
 from tests.support import GatewayProcess, Upstream, cli, running_gateway, write_config
 
@@ -479,12 +481,12 @@ async def test_endpoints_in_process(settings: Settings, pool: Any) -> None:
     argon2 = hashing.Argon2Pool(hashing.make_hasher(hashing.Argon2Params(memory_kib=1024, time_cost=1)),
                                 concurrency=1, queue_limit=8)
     try:
-        auth = Authenticator(settings, pool, MemoryCache(100), redis_tier, argon2,
-                             FailureThrottle(settings.throttle, redis_tier))
+        lookup = CredentialLookup(settings.cache, pool, MemoryCache(100), redis_tier)
+        auth = Authenticator(settings.secret_key_bytes, lookup, argon2, FailureThrottle(settings.throttle, redis_tier))
         denylist = TokenDenylist(pool, 60)
         assert await denylist.load()
         keys = SigningKeys.from_settings(settings)
-        verifier = AccessTokenVerifier(keys, auth, denylist)
+        verifier = AccessTokenVerifier(keys, lookup, denylist)
         policy = make_policy(["X-Auth-User-Id", "X-Auth-User", "X-Auth-Groups", "X-Auth-Credential-Id",
                               "X-Auth-Credential-Name", "X-Auth-Method", "X-Auth-Scope"])
         endpoints = OAuthEndpoints(settings, policy, auth, keys, verifier, denylist)

@@ -1,4 +1,5 @@
-"""Data plane tests (gateway.proxy, gateway.upstream) over real sockets, each run on asyncio and on uvloop."""
+"""Data plane tests (gateway.proxy, gateway.upstream, gateway.exchange) over real sockets, each run on asyncio and
+on uvloop."""
 
 from __future__ import annotations
 
@@ -20,16 +21,16 @@ import pytest
 import uvloop
 from aiohttp import ClientSession, WSMsgType, web
 
-from gateway.proxy import Exchange, Forward, Outcome, ProxyLimits, ProxyServer, Respond, start_server
+from gateway.core.settings import Limits
+from gateway.exchange import Exchange, Forward, Outcome, Respond
+from gateway.proxy import ProxyServer, start_server
+from gateway.wire import HOP_BY_HOP
 
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
-)
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
 }
-TEST_LIMITS = ProxyLimits(head_timeout=2.0, idle_timeout=5.0, body_timeout=5.0, upstream_idle=5.0)
+TEST_LIMITS = Limits(head_timeout=2.0, idle_timeout=5.0, body_timeout=5.0, upstream_idle=5.0)
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
 
@@ -120,7 +121,7 @@ HANDLERS = [ForwardingHandler, AsyncForwardingHandler]
 class Proxy:
     """The data plane on 127.0.0.1:0, shut down (and checked for leftovers) on exit."""
 
-    def __init__(self, handler: ForwardingHandler, limits: ProxyLimits = TEST_LIMITS) -> None:
+    def __init__(self, handler: ForwardingHandler, limits: Limits = TEST_LIMITS) -> None:
         self.handler = handler
         self.limits = limits
         self.server: ProxyServer | None = None
@@ -826,6 +827,58 @@ def test_response_hop_by_hop_headers_are_removed(run: Run) -> None:
     run(scenario())
 
 
+H = list[tuple[bytes, bytes]]
+WEBSOCKET_ACCEPT = (b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        (200, [(b"Content-Type", b"text/plain"), (b"Content-Length", b"5"), (b"Set-Cookie", b"a=1")],
+         [(b"Content-Type", b"text/plain"), (b"Content-Length", b"5"), (b"Set-Cookie", b"a=1")]),
+        (200, [(b"Connection", b"keep-alive"), (b"Keep-Alive", b"timeout=5"), (b"Transfer-Encoding", b"chunked"),
+               (b"TE", b"x"), (b"Trailer", b"X-Sum"), (b"Upgrade", b"h2c"), (b"Proxy-Authenticate", b"Basic"),
+               (b"Proxy-Connection", b"close"), (b"Date", b"today")],
+         [(b"Date", b"today")]),
+        (200, [(b"Connection", b"X-Internal, close"), (b"X-Internal", b"secret"), (b"x-internal", b"2"),
+               (b"X-Public", b"1")],
+         [(b"X-Public", b"1")]),
+        (200, [(b"Connection", b"Content-Length, X-Gone"), (b"Content-Length", b"5"), (b"X-Gone", b"1")],
+         [(b"Content-Length", b"5")]),
+        (101, [(b"Connection", b"Upgrade, X-Internal"), (b"Upgrade", b"websocket"), (b"X-Internal", b"1"),
+               WEBSOCKET_ACCEPT],
+         [WEBSOCKET_ACCEPT, (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]),
+        (200, [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")], []),
+    ],
+)
+def test_response_headers_filter(run: Run, status: int, headers: H, expected: H) -> None:
+    """Hop-by-hop headers and those the upstream's Connection names are dropped, Content-Length (it frames the
+    body) is kept; a 101 keeps its Upgrade with one `Connection: Upgrade`."""
+    names = {name.lower() for name, _ in headers}
+    if status == 101:
+        body, request = b"", get(b"/ws", b"Connection: Upgrade", b"Upgrade: websocket")
+    else:
+        body = b"0\r\n\r\n" if b"transfer-encoding" in names else b"hello" if b"content-length" in names else b""
+        request = get(b"/")
+    reason = b"Switching Protocols" if status == 101 else b"OK"
+    reply = b"HTTP/1.1 %d %s\r\n%s\r\n%s" % (status, reason, b"".join(b"%s: %s\r\n" % pair for pair in headers), body)
+
+    async def scenario() -> None:
+        async with (
+            RawUpstream(reply, close_after_reply=status != 101) as up,
+            Proxy(ForwardingHandler(up.port)) as proxy,
+            RawClient(proxy.port) as client,
+        ):
+            await client.send(request)
+            response = await client.response()
+            relayed = [pair for pair in response.headers if pair[0] != b"X-Request-Id"]  # set by the handler
+            if response.chunked:
+                relayed.remove((b"Transfer-Encoding", b"chunked"))  # the data plane's own framing
+            assert (response.status, relayed) == (status, expected)
+
+    run(scenario())
+
+
 def test_informational_103_is_relayed_and_100_dropped(run: Run) -> None:
     async def scenario() -> None:
         reply = (
@@ -849,7 +902,7 @@ def test_informational_103_is_relayed_and_100_dropped(run: Run) -> None:
 def test_pooled_connections_expire(run: Run) -> None:
     async def scenario() -> None:
         async with RawUpstream(OK_REPLY) as up:
-            limits = ProxyLimits(upstream_idle=0.2)
+            limits = Limits(upstream_idle=0.2)
             async with Proxy(ForwardingHandler(up.port), limits) as proxy, RawClient(proxy.port) as client:
                 await client.send(get(b"/"))
                 assert (await client.response()).body == b"ok"
@@ -916,7 +969,7 @@ def test_client_abort_mid_response_drops_the_upstream_connection(run: Run) -> No
 def test_idle_keep_alive_connection_is_closed_silently(run: Run) -> None:
     async def scenario() -> None:
         async with RawUpstream(OK_REPLY) as up:
-            limits = ProxyLimits(idle_timeout=0.2)
+            limits = Limits(idle_timeout=0.2)
             async with Proxy(ForwardingHandler(up.port), limits) as proxy, RawClient(proxy.port) as client:
                 await client.send(get(b"/"))
                 assert (await client.response()).body == b"ok"
@@ -1047,7 +1100,9 @@ def test_shutdown_forces_connections_closed_after_the_grace_period(run: Run) -> 
 PROXY_PROCESS = """
 import asyncio, signal, sys
 import uvloop
-from gateway.proxy import Forward, ProxyLimits, Respond, start_server
+from gateway.core.settings import Limits
+from gateway.exchange import Forward, Respond
+from gateway.proxy import start_server
 
 class Handler:
     def handle(self, ex):
@@ -1061,7 +1116,7 @@ class Handler:
         return Respond(status, [], error.encode())
 
 async def main():
-    server = await start_server(Handler(), "127.0.0.1", 0, limits=ProxyLimits(max_body_bytes=0))
+    server = await start_server(Handler(), "127.0.0.1", 0, limits=Limits(max_body_bytes=0))
     print(server.port, flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.proxy import ProxyLimits
+from gateway.core.settings import Limits
 from tests.gateway.test_proxy import (
     LOOPS,
     OK_REPLY,
@@ -23,7 +23,7 @@ from tests.gateway.test_proxy import (
     post,
 )
 
-LIMITS = ProxyLimits(
+LIMITS = Limits(
     max_header_bytes=2048,
     max_headers=20,
     max_request_line=1024,

@@ -88,7 +88,7 @@ async def start_streaming_upstream() -> StreamingUpstream:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     return StreamingUpstream(runner, port)
 
 

@@ -16,24 +16,18 @@ from hypothesis import strategies as st
 
 from admin import lifecycle
 from gateway.auth import Authenticator
-from gateway.cache import CachedCredential, MemoryCache, RedisTier, credential_key, fingerprint
 from gateway.core import hashing, store
 from gateway.core.formats import generate_token, new_public_id
 from gateway.core.settings import Settings
 from gateway.denylist import MAX_REVOKED_PER_CREDENTIAL, TokenDenylist
+from gateway.entry import CachedCredential, Negative, Verdict, fingerprint
 from gateway.extract import PresentedAccessToken, Refusal, extract
+from gateway.grants import INVALID_TOKEN, TOKEN_EXPIRED, AccessTokenVerifier, Grant, decide
+from gateway.lookup import CredentialLookup
+from gateway.memory import MemoryCache
+from gateway.redis_tier import RedisTier, credential_key
 from gateway.throttle import FailureThrottle
-from gateway.tokens import (
-    ACCESS_TOKEN_PREFIX,
-    INVALID_TOKEN,
-    TOKEN_EXPIRED,
-    AccessToken,
-    AccessTokenVerifier,
-    Grant,
-    SigningKeys,
-    decide,
-    looks_like_access_token,
-)
+from gateway.tokens import ACCESS_TOKEN_PREFIX, AccessToken, SigningKeys, looks_like_access_token
 
 SERVER_KEY = b"k" * 40
 OLD_SERVER_KEY = "o" * 40
@@ -189,21 +183,22 @@ def test_a_token_is_as_good_as_its_credential(changes: dict[str, Any], outcome: 
 def offline_authenticator(settings: Settings) -> Authenticator:
     """An Authenticator with no store, no Redis and no argon2: any I/O attempt would fail loudly."""
     redis_tier = RedisTier("", 1, 1)
-    return Authenticator(settings, cast(Any, None), MemoryCache(100), redis_tier, cast(Any, None),
-                         FailureThrottle(settings.throttle, redis_tier))
+    lookup = CredentialLookup(settings.cache, cast(Any, None), MemoryCache(100), redis_tier)
+    throttle = FailureThrottle(settings.throttle, redis_tier)
+    return Authenticator(settings.secret_key_bytes, lookup, cast(Any, None), throttle)
 
 
 def test_verification_needs_no_io(settings: Settings) -> None:
     auth = offline_authenticator(settings)
     denylist = TokenDenylist(cast(Any, None), 60)
     denylist.loaded = True  # as after its first load
-    verifier = AccessTokenVerifier(keys(), auth, denylist)
+    verifier = AccessTokenVerifier(keys(), auth.lookup, denylist)
     text, token = issue(keys())
     assert verifier.verify(text[:-2]) is INVALID_TOKEN
     assert verifier.verify(text[:-1] + ("A" if text[-1] != "A" else "B")) is INVALID_TOKEN
     expired_text, _ = issue(keys(), ttl=-1)
     assert verifier.verify(expired_text) is TOKEN_EXPIRED
-    auth.memory.put(entry())
+    auth.lookup.memory.put(entry())
     grant = verifier.verify(text)
     assert isinstance(grant, Grant) and grant.outcome == "ok" and grant.scope == frozenset({"finance"})
     denylist.on_event({"t": "j", "id": token.jti, "exp": token.expires_at})
@@ -219,10 +214,10 @@ def test_verification_needs_no_io(settings: Settings) -> None:
 async def test_unknown_denylist_means_503_not_200(settings: Settings) -> None:
     """Until a worker has loaded the denylist once, it cannot tell a revoked token from a good one."""
     auth = offline_authenticator(settings)
-    auth.memory.put(entry())
+    auth.lookup.memory.put(entry())
     denylist = TokenDenylist(cast(Any, None), 60)
     denylist.load_failed = True  # as when the store is down since the worker started
-    verifier = AccessTokenVerifier(keys(), auth, denylist)
+    verifier = AccessTokenVerifier(keys(), auth.lookup, denylist)
     pending = verifier.verify(issue(keys())[0])
     assert not isinstance(pending, Grant)
     grant = await pending
@@ -238,8 +233,8 @@ async def authenticator(settings: Settings, pool: Any) -> AsyncIterator[Authenti
     argon2 = hashing.Argon2Pool(hashing.make_hasher(hashing.Argon2Params(memory_kib=1024, time_cost=1)), concurrency=1,
                                 queue_limit=8)
     try:
-        yield Authenticator(settings, pool, MemoryCache(100), redis_tier, argon2,
-                            FailureThrottle(settings.throttle, redis_tier))
+        lookup = CredentialLookup(settings.cache, pool, MemoryCache(100), redis_tier)
+        yield Authenticator(settings.secret_key_bytes, lookup, argon2, FailureThrottle(settings.throttle, redis_tier))
     finally:
         argon2.close()
         await redis_tier.close()
@@ -253,23 +248,28 @@ async def key_pair(pool: Any, settings: Settings) -> lifecycle.IssuedSecret:
     return await lifecycle.create_credential(pool, actor, hash_secret, settings.policy, owner="svc", kind="key")
 
 
-async def test_load_entry_reads_without_a_secret(authenticator: Authenticator, pool: Any,
-                                                 settings: Settings) -> None:
+async def record(lookup: CredentialLookup, public_id: str) -> CachedCredential | Negative | Verdict:
+    found = lookup.record(public_id)
+    return found if isinstance(found, (CachedCredential, Negative)) else await found
+
+
+async def test_record_reads_without_a_secret(authenticator: Authenticator, pool: Any, settings: Settings) -> None:
+    lookup = authenticator.lookup
     unknown = new_public_id()
-    assert (await authenticator.load_entry(unknown)).outcome == "invalid"  # type: ignore[union-attr]
-    assert authenticator.memory.get(unknown) is not None  # negatively cached: a flood costs no queries
+    assert isinstance(await record(lookup, unknown), Negative)  # unknown: refused
+    assert lookup.memory.get(unknown) is not None  # negatively cached: a flood costs no queries
     issued = await key_pair(pool, settings)
     public_id = issued.reveal()["id"]
-    loaded = await authenticator.load_entry(public_id)
+    loaded = await record(lookup, public_id)
     assert isinstance(loaded, CachedCredential) and loaded.groups == frozenset({"finance"})
-    assert loaded.digests == [] and authenticator.memory.get(public_id) is loaded
+    assert loaded.digests == [] and lookup.memory.get(public_id) is loaded
     stored_hash = await pool.fetchval("SELECT secret_hash FROM credentials WHERE public_id = $1", public_id)
     assert loaded.current_fp == fingerprint(stored_hash)
-    assert authenticator.redis.client is not None
-    fields = await authenticator.redis.client.hgetall(credential_key(public_id))
+    assert lookup.redis.client is not None
+    fields = await lookup.redis.client.hgetall(credential_key(public_id))
     assert set(fields) == {b"r"}  # the record only: no digest, no hash
-    authenticator.memory.evict(public_id)
-    from_redis = await authenticator.load_entry(public_id)
+    lookup.memory.evict(public_id)
+    from_redis = await record(lookup, public_id)
     assert isinstance(from_redis, CachedCredential) and from_redis.secret_hash == ""
 
 

@@ -1,0 +1,95 @@
+"""The process-local cache tier: public id -> CachedCredential (or Negative), with an owner index for evictions."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from gateway.entry import CachedCredential, Negative
+
+
+class MemoryCache:
+    """Process-local tier: public id -> CachedCredential (or Negative), with an owner index for evictions."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.entries: dict[str, CachedCredential | Negative] = {}
+        self.by_owner: dict[int, set[str]] = {}
+        self.max_entries = max_entries
+        # Bumped on every eviction; a store read that started before a bump must not be cached.
+        self.generation = 0
+        # When a change notification last arrived, per credential, per owner and for everything (epoch
+        # seconds): a shared entry read from the store before that moment is stale and never used again.
+        self.credential_changed: dict[str, float] = {}
+        self.owner_changed: dict[int, float] = {}
+        self.all_changed = 0.0
+
+    def get(self, public_id: str) -> CachedCredential | Negative | None:
+        return self.entries.get(public_id)
+
+    def put(self, entry: CachedCredential) -> None:
+        old = self.entries.get(entry.public_id)
+        if isinstance(old, CachedCredential) and old.owner_id != entry.owner_id:
+            self._unindex(old)
+        self.entries[entry.public_id] = entry
+        self.by_owner.setdefault(entry.owner_id, set()).add(entry.public_id)
+        self._bound()
+
+    def put_negative(self, public_id: str, ttl: float) -> None:
+        self.entries[public_id] = Negative(time.monotonic() + ttl)
+        self._bound()
+
+    def _bound(self) -> None:
+        while len(self.entries) > self.max_entries:
+            oldest = next(iter(self.entries))
+            self.evict(oldest)
+
+    def _unindex(self, entry: CachedCredential) -> None:
+        ids = self.by_owner.get(entry.owner_id)
+        if ids is not None:
+            ids.discard(entry.public_id)
+            if not ids:
+                del self.by_owner[entry.owner_id]
+
+    def evict(self, public_id: str) -> None:
+        self.generation += 1
+        entry = self.entries.pop(public_id, None)
+        if isinstance(entry, CachedCredential):
+            self._unindex(entry)
+
+    def changed(self, public_id: str | None = None, owner_id: int | None = None) -> None:
+        """Record a change notification (see `outdated`), keeping the records bounded."""
+        now = time.time()
+        if public_id is not None:
+            if len(self.credential_changed) > 100_000:
+                self.credential_changed.clear()
+                self.all_changed = now
+            self.credential_changed[public_id] = now
+        if owner_id is not None:
+            if len(self.owner_changed) > 100_000:
+                self.owner_changed.clear()
+                self.all_changed = now
+            self.owner_changed[owner_id] = now
+        if public_id is None and owner_id is None:
+            self.all_changed = now
+
+    def outdated(self, entry: CachedCredential) -> bool:
+        """Whether the entry was read from the store before a change notification that concerns it."""
+        read = entry.stored_at
+        return (read <= self.all_changed or read <= self.credential_changed.get(entry.public_id, 0.0)
+                or read <= self.owner_changed.get(entry.owner_id, 0.0))
+
+    def evict_owner(self, owner_id: int) -> list[str]:
+        ids = list(self.by_owner.get(owner_id, ()))
+        for public_id in ids:
+            self.evict(public_id)
+        return ids
+
+    def mark_all_stale(self) -> None:
+        """Nothing may be served as fresh any more; entries stay only as a fallback during a store outage."""
+        self.generation += 1
+        for entry in self.entries.values():
+            if isinstance(entry, CachedCredential):
+                entry.fetched = -math.inf
+
+    def __len__(self) -> int:
+        return len(self.entries)
