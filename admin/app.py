@@ -20,7 +20,7 @@ from admin.lifecycle import LifecycleError
 from admin.metrics import AdminMetrics
 from admin.views import audit, credentials, groups, session, users
 from admin.views.common import SERVICES, Services
-from gateway.core import hashing, store
+from gateway.core import database, hashing, store
 from gateway.core.errors import STORE_UNAVAILABLE
 from gateway.core.request_id import request_id_text
 from gateway.core.settings import Settings
@@ -100,8 +100,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     request_id = _request_id(request)
     request[REQUEST_ID] = request_id
     response: web.StreamResponse
+    deadline = request.app[SERVICES].settings.admin.store_timeout
     try:
-        response = await handler(request)
+        # Every wait on the database is bounded: a hung or partitioned Postgres answers 503, never a hang.
+        async with asyncio.timeout(deadline):
+            response = await handler(request)
     except ApiError as exc:
         response = error_response(exc)
     except LifecycleError as exc:
@@ -114,6 +117,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except CONCURRENT_CHANGES as exc:
         logger.warning("concurrent change in %s %s: %s", request.method, _route_label(request), exc.__class__.__name__)
         response = error_response(ApiError(409, "conflict", "the data changed while this request ran; retry it"))
+    except TimeoutError:
+        logger.warning("%s %s did not finish within %.1f s", request.method, _route_label(request), deadline)
+        response = error_response(ApiError(503, "unavailable", "the database did not answer in time; retry shortly",
+                                           headers={"Retry-After": "5"}))
     except STORE_UNAVAILABLE as exc:  # 503 (try again), not 500 (our bug)
         logger.warning("database unavailable for %s %s: %s", request.method, _route_label(request),
                        exc.__class__.__name__)
@@ -168,7 +175,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            pool = await store.create_pool(settings.database_url.reveal(), min_size=1,
+            pool = await database.create_pool(settings.database_url.reveal(), min_size=1,
                                            max_size=settings.database_pool_size)
             stack.push_async_callback(pool.close)
             async with pool.acquire() as conn:

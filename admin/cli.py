@@ -13,7 +13,7 @@ from typing import Any, Literal
 import asyncpg
 
 from admin import lifecycle
-from gateway.core import store
+from gateway.core import database, store
 from gateway.core.settings import Settings, SettingsError, exit_on_error, load_settings
 
 Command = Callable[[argparse.Namespace, Settings], Awaitable[Any]]
@@ -30,7 +30,7 @@ def to_json(value: Any) -> str:
 
 async def open_pool(settings: Settings) -> store.Pool:
     try:
-        return await store.create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
+        return await database.create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
     except (TimeoutError, OSError) as exc:
         raise CliError(
             f"cannot reach the database at {settings.database_url}: {exc.__class__.__name__}: {exc}; "

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable
 
-from gateway.core import hashing, store
+from gateway.core import database, hashing, store
 from gateway.core.errors import STORE_ERRORS
 from gateway.core.formats import Presented
 from gateway.entry import BUSY, INVALID, CachedCredential, Negative, Verdict, status_of
@@ -132,6 +132,7 @@ class Authenticator:
             try:
                 matched_fp, matched_hash = await self._argon2(entry, presented.secret)
             except hashing.Argon2Busy:
+                await self.throttle.refund(public_id, client_ip)  # not a failure: nothing was verified
                 return BUSY
             if not matched_fp:
                 return INVALID
@@ -159,6 +160,7 @@ class Authenticator:
         """Stronger parameters configured: store a new hash (the change notification refreshes caches)."""
         try:
             new_hash = await self.argon2.hash(presented.secret)
-            await self.lookup.pool.execute(store.UPDATE_SECRET_HASH, presented.public_id, new_hash, old_hash)
+            async with database.within(self.lookup.pool, self.lookup.store_timeout) as conn:
+                await conn.execute(store.UPDATE_SECRET_HASH, presented.public_id, new_hash, old_hash)
         except (hashing.Argon2Busy, *STORE_ERRORS):
             logger.info("rehash of credential %s postponed", presented.public_id)

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
-from gateway.core import store
+from gateway.core import database, store
 from gateway.core.errors import STORE_ERRORS
 from gateway.core.tasks import background
 from gateway.tokens import AccessToken
@@ -30,9 +30,10 @@ MAX_REVOKED_PER_CREDENTIAL: Final = 100
 class TokenDenylist:
     """In-memory view of the revoked-token tables; `is_revoked` is the only call on the request path."""
 
-    def __init__(self, pool: store.Pool, refresh: float) -> None:
+    def __init__(self, pool: store.Pool, refresh: float, timeout: float = 2.0) -> None:
         self.pool = pool
         self.refresh = refresh
+        self.timeout = timeout  # the deadline of a load or a revocation, the wait for a connection included
         self.tokens: dict[str, float] = {}  # jti -> token expiry (epoch seconds)
         self.before: dict[str, tuple[int, float]] = {}  # public id -> (issued at or before, expiry)
         self.loaded = False  # until the first load, nobody can tell whether a token was revoked
@@ -89,7 +90,7 @@ class TokenDenylist:
     async def load(self) -> bool:
         """Merge the live rows into memory and drop expired entries; False when the store is unreachable."""
         try:
-            async with self.pool.acquire(timeout=2.0) as conn:
+            async with database.within(self.pool, self.timeout) as conn:
                 tokens = await conn.fetch(store.LIVE_REVOKED_TOKENS)
                 before = await conn.fetch(store.LIVE_REVOKED_BEFORE)
         except STORE_ERRORS as exc:
@@ -115,7 +116,7 @@ class TokenDenylist:
 
         Raises one of STORE_ERRORS when the store is unreachable: the revocation did not happen.
         """
-        async with self.pool.acquire(timeout=2.0) as conn:
+        async with database.within(self.pool, self.timeout) as conn:
             async with conn.transaction():
                 live = await conn.fetchval(store.COUNT_LIVE_REVOKED, token.public_id)
                 if live < MAX_REVOKED_PER_CREDENTIAL:

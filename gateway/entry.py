@@ -51,6 +51,7 @@ class CachedCredential:
     previous_until: float  # epoch seconds; the previous secret works until then
     fetched: float  # time.monotonic() when confirmed against Redis or the store; -inf once marked stale
     stored_at: float  # epoch seconds of the last read from the store (travels through Redis)
+    seq: int  # the change sequence that read saw (migration 004; travels through Redis)
     digests: list[tuple[bytes, str]] = field(default_factory=list)  # (digest, fingerprint of hash verified)
     # Hashes kept in process memory only (never in Redis), so a new secret needs no extra query.
     secret_hash: str = ""
@@ -99,6 +100,7 @@ class CachedCredential:
             previous_until=prev_until,
             fetched=fetched,
             stored_at=time.time(),
+            seq=rec.change_seq,
             secret_hash=rec.secret_hash,
             previous_hash=rec.previous_secret_hash or "",
         )
@@ -120,6 +122,7 @@ class CachedCredential:
                 "pfp": self.previous_fp,
                 "pu": self.previous_until,
                 "sa": self.stored_at,
+                "sq": self.seq,
             },
             separators=(",", ":"),
         )
@@ -144,6 +147,7 @@ class CachedCredential:
             previous_until=float(d["pu"]),
             fetched=fetched,
             stored_at=float(d["sa"]),
+            seq=int(d.get("sq", -1)),  # written by an older version: re-validated after any change
         )
 
 

@@ -25,6 +25,9 @@ from gateway.redis_tier import RedisTier
 
 logger = logging.getLogger(__name__)
 
+# How often an idle LISTEN connection is probed: a hung server is noticed within this plus the timeout.
+_PROBE_SECONDS = 2.0
+
 
 class InvalidationListener:
     """Evicts from both tiers what each change notification names; `connected` tells whether it is listening."""
@@ -36,6 +39,7 @@ class InvalidationListener:
         redis_tier: RedisTier,
         pool: store.Pool,
         *,
+        timeout: float = 1.5,
         on_event: Callable[[float], None] = lambda _lag: None,
         on_state: Callable[[bool], None] = lambda _up: None,
         on_token_revoked: Callable[[dict[str, Any]], None] = lambda _event: None,
@@ -44,6 +48,7 @@ class InvalidationListener:
         self.memory = memory
         self.redis = redis_tier
         self.pool = pool
+        self.timeout = timeout  # for each query on the LISTEN connection
         self.connected = False
         self.on_event = on_event  # called with the lag (seconds) of each event
         self.on_state = on_state
@@ -77,17 +82,22 @@ class InvalidationListener:
                 self._lost.clear()
                 conn.add_termination_listener(lambda _c: self._lost.set())
                 await conn.add_listener(store.NOTIFY_CHANNEL, self._notified)
-                if not first:  # anything may have changed while we were not listening
+                # Listening now. Any change committed before this point may have been missed (while this
+                # process was not listening, or before it started): whatever any tier holds from a store read
+                # that saw fewer changes is re-validated against the store before it is used again.
+                caught_up = await asyncio.wait_for(conn.fetchval(store.CHANGE_SEQUENCE), timeout=self.timeout)
+                self.memory.changed(int(caught_up))
+                if not first:
                     self.memory.mark_all_stale()
                 first = False
                 self._set_state(True)
                 delay = 0.1
                 while not self._lost.is_set():
                     try:
-                        await asyncio.wait_for(self._lost.wait(), timeout=5.0)
+                        await asyncio.wait_for(self._lost.wait(), timeout=_PROBE_SECONDS)
                     except TimeoutError:
-                        # a silently dead TCP connection never terminates: probe it
-                        await asyncio.wait_for(conn.execute(store.PING), timeout=3.0)
+                        # a silently dead TCP connection (or a frozen server) never terminates: probe it
+                        await asyncio.wait_for(conn.execute(store.PING), timeout=self.timeout)
             except asyncio.CancelledError:
                 raise
             except STORE_ERRORS as exc:
@@ -106,21 +116,22 @@ class InvalidationListener:
         try:
             event = json.loads(payload)
             kind, ident, ts = event["t"], str(event["id"]), float(event["ts"])
+            seq = int(event["seq"]) if kind != "j" else 0
         except (ValueError, KeyError, TypeError):
             logger.warning("ignoring a malformed invalidation payload")
             return
         if kind == "c":
-            self.memory.changed(public_id=ident)
+            self.memory.changed(seq, public_id=ident)
             self.memory.evict(ident)
             self._evictions.spawn(self.redis.delete([ident]))
         elif kind == "p":
-            self.memory.changed(owner_id=int(ident))
+            self.memory.changed(seq, owner_id=int(ident))
             evicted = self.memory.evict_owner(int(ident))
             self._evictions.spawn(self._evict_owner_everywhere(int(ident), evicted))
         elif kind == "j":
             self.on_token_revoked(event)
         else:
-            self.memory.changed()
+            self.memory.changed(seq)
             for public_id in list(self.memory.entries):
                 self.memory.evict(public_id)
             self._evictions.spawn(self.redis.flush_all())

@@ -10,13 +10,14 @@ store read (and one argon2 run) serves every process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
-from gateway.core import store
+from gateway.core import database, store
 from gateway.core.errors import STORE_ERRORS
 from gateway.core.settings import CacheSettings
 from gateway.entry import UNAVAILABLE, CachedCredential, Negative, Verdict
@@ -58,6 +59,45 @@ class Walk:
     stale: CachedCredential | None  # what memory held (not fresh): digests to keep, a fallback while the store is away
 
 
+# How long a failed store read makes the store count as down for this process before one read probes it.
+_DOWN_SECONDS = 1.0
+# The deadline of a store read while the invalidation channel is down (the store is probably down too).
+_DEADLINE_WHILE_DOWN = 0.5
+
+
+class StoreDown(ConnectionError):
+    """The store failed moments ago: not asked again yet (one of STORE_ERRORS, via OSError)."""
+
+
+class StoreHealth:
+    """Marks the store down for this process at the first failed read, so a hung store costs one deadline.
+
+    While down, reads fail at once with StoreDown; after `_DOWN_SECONDS` one read at a time probes the store,
+    and its success ends the outage for everyone.
+    """
+
+    def __init__(self) -> None:
+        self.down_until = 0.0
+        self.probing = False
+
+    @contextlib.contextmanager
+    def attempt(self) -> Iterator[None]:
+        now = time.monotonic()
+        if self.down_until:
+            if now < self.down_until or self.probing:
+                raise StoreDown("the credential store failed moments ago")
+            self.probing = True
+        try:
+            yield
+        except STORE_ERRORS:
+            self.down_until = time.monotonic() + _DOWN_SECONDS
+            raise
+        else:
+            self.down_until = 0.0
+        finally:
+            self.probing = False
+
+
 # The store does not know the id (remembered briefly in both tiers).
 UNKNOWN: Negative = Negative(until=float("inf"))
 
@@ -81,6 +121,8 @@ class CredentialLookup:
         self.observe = observe
         # False while the invalidation channel (and so, usually, the store) is down.
         self.store_reachable = store_reachable
+        self.health = StoreHealth()
+        self.store_timeout = cache.store_timeout
         self.memory_ttl = cache.memory_ttl
         self.stale_ttl = cache.stale_ttl
         self.negative_ttl = cache.negative_ttl
@@ -131,16 +173,19 @@ class CredentialLookup:
     async def from_store(self, walk: Walk, digest: bytes | None) -> CachedCredential | Negative | Verdict:
         """The store's record (with the hashes, kept in memory only), UNKNOWN, or UNAVAILABLE.
 
-        While the store cannot answer, the entry memory held still counts within stale_ttl of its last store
-        read, if it knows `digest` (or `digest` is None). The record is neither remembered nor published here:
-        the caller decides when it has earned that (see `remember` and `publish`).
+        The read has a deadline (`cache.store_timeout`); when it fails, the store counts as down for this
+        process for a second (later reads answer at once, then one read at a time probes it). While the store
+        cannot answer, the entry memory held still counts within stale_ttl of its last store read, if it knows
+        `digest` (or `digest` is None). The record is neither remembered nor published here: the caller decides
+        when it has earned that (see `remember` and `publish`).
         """
         public_id = walk.public_id
-        read_started = time.time()  # what the snapshot is at least as new as (see MemoryCache.outdated)
+        read_started = time.time()  # for stale_ttl; the change sequence read with the record decides staleness
         try:
             record = await self._read_record(public_id)
         except STORE_ERRORS as exc:
-            logger.warning("store unreachable for a credential lookup: %s", exc.__class__.__name__)
+            if not isinstance(exc, StoreDown):
+                logger.warning("store unreachable for a credential lookup: %s", exc.__class__.__name__)
             stale = walk.stale
             if stale is not None and self._recent(stale) and (digest is None or stale.matches(digest, time.time())):
                 self.observe("memory", "hit")
@@ -158,9 +203,11 @@ class CredentialLookup:
         return entry
 
     async def _read_record(self, public_id: str) -> store.AuthRecord | None:
-        """One store read (shorter wait for a connection while the invalidation channel is down)."""
-        async with self.pool.acquire(timeout=2.0 if self.store_reachable() else 0.5) as conn:
-            return await store.fetch_auth_record(conn, public_id)
+        """One store read within the deadline (a shorter one while the invalidation channel is down)."""
+        deadline = self.store_timeout if self.store_reachable() else min(self.store_timeout, _DEADLINE_WHILE_DOWN)
+        with self.health.attempt():
+            async with database.within(self.pool, deadline) as conn:
+                return await store.fetch_auth_record(conn, public_id)
 
     # --- remembering ----------------------------------------------------------------------------------------
 

@@ -17,11 +17,11 @@ class MemoryCache:
         self.max_entries = max_entries
         # Bumped on every eviction; a store read that started before a bump must not be cached.
         self.generation = 0
-        # When a change notification last arrived, per credential, per owner and for everything (epoch
-        # seconds): a shared entry read from the store before that moment is stale and never used again.
-        self.credential_changed: dict[str, float] = {}
-        self.owner_changed: dict[int, float] = {}
-        self.all_changed = 0.0
+        # The change sequence (migration 004) of the last change heard of, per credential, per owner and for
+        # everything: a shared entry whose store read saw fewer changes is stale and never used again.
+        self.credential_changed: dict[str, int] = {}
+        self.owner_changed: dict[int, int] = {}
+        self.all_changed = -1
 
     def get(self, public_id: str) -> CachedCredential | Negative | None:
         return self.entries.get(public_id)
@@ -56,27 +56,30 @@ class MemoryCache:
         if isinstance(entry, CachedCredential):
             self._unindex(entry)
 
-    def changed(self, public_id: str | None = None, owner_id: int | None = None) -> None:
-        """Record a change notification (see `outdated`), keeping the records bounded."""
-        now = time.time()
+    def changed(self, seq: int, public_id: str | None = None, owner_id: int | None = None) -> None:
+        """Record change number `seq` (see `outdated`), about a credential, an owner or (neither) everything.
+
+        Notifications arrive in commit order, so when a record grows too large it can be replaced by "every
+        change up to this one" without missing any.
+        """
         if public_id is not None:
             if len(self.credential_changed) > 100_000:
                 self.credential_changed.clear()
-                self.all_changed = now
-            self.credential_changed[public_id] = now
+                self.all_changed = max(self.all_changed, seq)
+            self.credential_changed[public_id] = seq
         if owner_id is not None:
             if len(self.owner_changed) > 100_000:
                 self.owner_changed.clear()
-                self.all_changed = now
-            self.owner_changed[owner_id] = now
+                self.all_changed = max(self.all_changed, seq)
+            self.owner_changed[owner_id] = seq
         if public_id is None and owner_id is None:
-            self.all_changed = now
+            self.all_changed = max(self.all_changed, seq)
 
     def outdated(self, entry: CachedCredential) -> bool:
-        """Whether the entry was read from the store before a change notification that concerns it."""
-        read = entry.stored_at
-        return (read <= self.all_changed or read <= self.credential_changed.get(entry.public_id, 0.0)
-                or read <= self.owner_changed.get(entry.owner_id, 0.0))
+        """Whether the entry's store read saw fewer changes than one that concerns it (it may predate it)."""
+        seen = entry.seq
+        return (seen < self.all_changed or seen < self.credential_changed.get(entry.public_id, -1)
+                or seen < self.owner_changed.get(entry.owner_id, -1))
 
     def evict_owner(self, owner_id: int) -> list[str]:
         ids = list(self.by_owner.get(owner_id, ()))

@@ -43,6 +43,11 @@ def address_key(address: str) -> str:
     return f"{REDIS_PREFIX}fail:ip:{address}"
 
 
+def pair_key(public_id: str, address: str) -> str:
+    """The failure throttle's counter for one credential id from one client address."""
+    return f"{REDIS_PREFIX}fail:pair:{public_id}:{address}"
+
+
 def verifying_key(public_id: str, digest: bytes) -> str:
     return f"{REDIS_PREFIX}verifying:{public_id}:{digest.hex()[:32]}"
 
@@ -52,10 +57,15 @@ class RedisTier:
     """The shared tier. Every call degrades to 'no answer' when Redis is unreachable; `up` tells which."""
 
     def __init__(
-        self, url: str, ttl: float, negative_ttl: float, on_state: Callable[[bool], None] = lambda _up: None
+        self,
+        url: str,
+        ttl: float,
+        negative_ttl: float,
+        on_state: Callable[[bool], None] = lambda _up: None,
+        timeout: float = 0.5,
     ) -> None:
         self.client: aioredis.Redis | None = (
-            aioredis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=0)
+            aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0)
             if url
             else None
         )

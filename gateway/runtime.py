@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from gateway.accesslog import AccessLog
 from gateway.app import JSON, NO_STORE, Gateway
 from gateway.auth import Authenticator
-from gateway.core import hashing, store
+from gateway.core import database, hashing, store
 from gateway.core.errors import STORE_ERRORS
 from gateway.core.settings import Settings, parse_listen
 from gateway.core.tasks import background
@@ -62,10 +62,11 @@ async def running_worker(settings: Settings, registry: CollectorRegistry | None 
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(_worker_gone, metrics)
         # min_size=0: the gateway starts (and serves what it can) even while Postgres is down
-        pool = await store.create_pool(s.database_url.reveal(), min_size=0, max_size=s.database_pool_size)
+        pool = await database.create_pool(s.database_url.reveal(), min_size=0, max_size=s.database_pool_size)
         stack.push_async_callback(pool.close)
         redis_tier = RedisTier(
-            s.redis_url.reveal(), s.cache.redis_ttl, s.cache.negative_ttl, on_state=metrics.redis_up.set
+            s.redis_url.reveal(), s.cache.redis_ttl, s.cache.negative_ttl, on_state=metrics.redis_up.set,
+            timeout=s.cache.redis_timeout,
         )
         stack.push_async_callback(redis_tier.close)
         metrics.redis_up.set(1 if redis_tier.client is not None else 0)
@@ -74,7 +75,7 @@ async def running_worker(settings: Settings, registry: CollectorRegistry | None 
         stack.callback(argon2.close)
 
         memory = MemoryCache(s.cache.max_entries)
-        denylist = TokenDenylist(pool, s.cache.memory_ttl)
+        denylist = TokenDenylist(pool, s.cache.memory_ttl, s.cache.store_timeout)
 
         def listening(up: bool) -> None:
             metrics.listen_connected.set(1 if up else 0)
@@ -83,7 +84,7 @@ async def running_worker(settings: Settings, registry: CollectorRegistry | None 
 
         metrics.listen_connected.set(0)
         listener = InvalidationListener(
-            s.database_url.reveal(), memory, redis_tier, pool,
+            s.database_url.reveal(), memory, redis_tier, pool, timeout=s.cache.store_timeout,
             on_event=metrics.invalidated, on_state=listening, on_token_revoked=denylist.on_event,
         )
         lookup = CredentialLookup(

@@ -1,8 +1,14 @@
-"""Failure throttle: bounds argon2 runs per credential id and per client address, shared through Redis.
+"""Failure throttle: bounds argon2 runs per (credential id, client address), per address and per id, through Redis.
 
-An attempt that will run argon2 first reserves a slot (INCR); a success gives it back. So even a burst
-of concurrent wrong secrets runs argon2 at most `max_failures` times per window, across every process.
-When Redis is down the same counting happens in process memory.
+An attempt that will run argon2 first reserves a slot in three counters, and a success gives it back:
+  (id, address)  `max_failures`: past it that address gets 429 for that id, and no other address does;
+  address        `per_address_max_failures`, over every id;
+  id             `per_id_max_failures`, over every address: the bound on a distributed attack on one id.
+An attempt refused by any counter reserves in none, so one address's refused attempts never count against the
+id for the others. In Redis the check and the increments are one Lua script (one round trip, atomic), so even
+a burst of concurrent wrong secrets runs argon2 at most the limits per window across every worker and replica.
+Each process also keeps its own reservations in memory and checks them first: a process never passes a limit
+on its own, whether Redis answers, misses a call (a full connection pool) or is down.
 """
 
 from __future__ import annotations
@@ -10,11 +16,53 @@ from __future__ import annotations
 import math
 import time
 
-import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from gateway.core.errors import REDIS_ERRORS
 from gateway.core.settings import ThrottleSettings
-from gateway.redis_tier import RedisTier, address_key, id_key
+from gateway.redis_tier import RedisTier, address_key, id_key, pair_key
+
+# KEYS: the counters; ARGV: the window in ms, then each counter's limit. SET NX PX starts a counter's window
+# (a counter left without one, as a non-atomic INCR could once leave it, gets one). Reserves in every counter
+# only when none is at its limit; returns 0 then, else the ms until the last blocking window ends (>= 1).
+_RESERVE = """
+local wait = 0
+for i, key in ipairs(KEYS) do
+    redis.call('SET', key, 0, 'NX', 'PX', ARGV[1])
+    local ttl = redis.call('PTTL', key)
+    if ttl < 0 then
+        redis.call('PEXPIRE', key, ARGV[1])
+        ttl = tonumber(ARGV[1])
+    end
+    if tonumber(redis.call('GET', key)) >= tonumber(ARGV[i + 1]) then
+        wait = math.max(wait, ttl, 1)
+    end
+end
+if wait == 0 then
+    for _, key in ipairs(KEYS) do
+        redis.call('INCR', key)
+    end
+end
+return wait
+"""
+
+# Gives a reservation back, never below zero: a window that ended took its reservations with it. (A success
+# whose argon2 run straddles the start of a new window still gives its slot to that window: one extra run at
+# most, per verification of a correct secret that ends just then.)
+_REFUND = """
+for _, key in ipairs(KEYS) do
+    if tonumber(redis.call('GET', key) or 0) > 0 then
+        redis.call('DECR', key)
+    end
+end
+return 0
+"""
+
+# Unknown-id failures per address: counted in memory only (no argon2 ran, nothing to share).
+_UNKNOWN_PREFIX = "unknown:"
+# Windows kept in memory. Past it the ended ones are dropped, and if most are still running (an attack from very
+# many addresses) all are: Redis keeps the shared counts, and the pruning stays cheap.
+_MAX_WINDOWS = 100_000
 
 
 class _Window:
@@ -27,24 +75,51 @@ class _Window:
 
 class FailureThrottle:
     def __init__(self, settings: ThrottleSettings, redis_tier: RedisTier) -> None:
-        self.max_id = settings.max_failures
+        self.max_pair = settings.max_failures
         self.max_address = settings.per_address_max_failures
+        self.max_id = settings.per_id_max_failures
         self.window = settings.window_seconds
         self.window_ms = max(1, int(settings.window_seconds * 1000))
         self.redis = redis_tier
         self.local: dict[str, _Window] = {}
+        client = redis_tier.client
+        self._reserve_script = client.register_script(_RESERVE) if client is not None else None
+        self._refund_script = client.register_script(_REFUND) if client is not None else None
 
-    # --- process-memory fallback (and the no-I/O check for unknown ids) ---
+    # --- this process's own counts ---
 
-    def _local_incr(self, key: str, by: int = 1) -> tuple[int, float]:
-        now = time.monotonic()
+    def _local_window(self, key: str, now: float) -> _Window:
         window = self.local.get(key)
         if window is None or window.until <= now:
-            if len(self.local) > 100_000:
+            if len(self.local) >= _MAX_WINDOWS:
                 self.local = {k: w for k, w in self.local.items() if w.until > now}
+                if len(self.local) >= _MAX_WINDOWS // 2:
+                    self.local = {}
             window = self.local[key] = _Window(now + self.window)
-        window.count += by
-        return window.count, window.until - now
+        return window
+
+    def _local_count(self, key: str) -> int:
+        window = self.local.get(key)
+        return window.count if window is not None and window.until > time.monotonic() else 0
+
+    def _local_reserve(self, keys: tuple[str, ...]) -> float | None:
+        """As the Lua script, in this process: seconds to wait, or None when reserved in every counter."""
+        now = time.monotonic()
+        windows = [self._local_window(key, now) for key in keys]
+        limits = (self.max_pair, self.max_address, self.max_id)
+        blocking = [w.until - now for w, limit in zip(windows, limits, strict=True) if w.count >= limit]
+        if blocking:
+            return max(blocking)
+        for window in windows:
+            window.count += 1
+        return None
+
+    def _local_refund(self, keys: tuple[str, ...]) -> None:
+        now = time.monotonic()
+        for key in keys:
+            window = self.local.get(key)
+            if window is not None and window.until > now and window.count > 0:
+                window.count -= 1
 
     def blocked_address_locally(self, address: str) -> float | None:
         window = self.local.get(address_key(address))
@@ -54,48 +129,37 @@ class FailureThrottle:
 
     def note_address_failure(self, address: str) -> None:
         """A failure that ran no argon2 (unknown id): counted per address, in memory only."""
-        self._local_incr(address_key(address))
+        now = time.monotonic()
+        self._local_window(address_key(address), now).count += 1
+        self._local_window(_UNKNOWN_PREFIX + address, now).count += 1
 
     # --- shared counting ---
 
     async def reserve(self, public_id: str, address: str) -> int | None:
         """Count an attempt before argon2 runs; returns Retry-After seconds when over a limit."""
-        keys = (id_key(public_id), address_key(address))
-        counts: list[tuple[int, float]] | None = None
-        client = self.redis.client
-        if client is not None and self.redis.up:
-            counts = await self._redis_incr(client, keys, 1)
-        if counts is None:
-            counts = [self._local_incr(k) for k in keys]
-        (id_count, id_ttl), (addr_count, addr_ttl) = counts
-        local_addr = self.local.get(address_key(address))
-        if local_addr is not None and local_addr.until > time.monotonic():
-            addr_count += local_addr.count
-        if id_count > self.max_id or addr_count > self.max_address:
-            wait = max(id_ttl if id_count > self.max_id else 0.0, addr_ttl if addr_count > self.max_address else 0.0)
-            return max(1, math.ceil(wait))
-        return None
+        keys = (pair_key(public_id, address), address_key(address), id_key(public_id))
+        wait = self._local_reserve(keys)  # this process's own count, a lower bound of everyone's
+        if wait is None and self._reserve_script is not None and self.redis.up:
+            # this process's unknown-id failures from the address count against its limit too
+            limits = (self.max_pair, self.max_address - self._local_count(_UNKNOWN_PREFIX + address), self.max_id)
+            waited_ms = await self._run(self._reserve_script, keys, (self.window_ms, *limits))
+            if waited_ms:  # refused by everyone's count: reserved nowhere
+                self._local_refund(keys)
+                wait = waited_ms / 1000
+            # (no answer from Redis: the reservation in memory stands alone)
+        return None if wait is None else max(1, math.ceil(wait))
 
     async def refund(self, public_id: str, address: str) -> None:
         """The attempt succeeded: it is not a failure."""
-        keys = (id_key(public_id), address_key(address))
-        client = self.redis.client
-        if client is not None and self.redis.up and await self._redis_incr(client, keys, -1) is not None:
-            return
-        for key in keys:
-            self._local_incr(key, -1)
+        keys = (pair_key(public_id, address), address_key(address), id_key(public_id))
+        self._local_refund(keys)
+        if self._refund_script is not None and self.redis.up:
+            await self._run(self._refund_script, keys, ())
 
-    async def _redis_incr(
-        self, client: aioredis.Redis, keys: tuple[str, ...], by: int
-    ) -> list[tuple[int, float]] | None:
+    @staticmethod
+    async def _run(script: AsyncScript, keys: tuple[str, ...], args: tuple[int, ...]) -> int | None:
+        """The script's answer, None when Redis did not give one."""
         try:
-            async with client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    # SET NX PX starts the window once (works on Redis 6.2, unlike PEXPIRE NX)
-                    pipe.set(key, 0, nx=True, px=self.window_ms)
-                    pipe.incrby(key, by)
-                    pipe.pttl(key)
-                results = await pipe.execute()
+            return int(await script(keys=keys, args=args))
         except REDIS_ERRORS:
             return None
-        return [(int(results[i * 3 + 1]), max(0, int(results[i * 3 + 2])) / 1000) for i in range(len(keys))]

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.core import store
+from gateway.core import database, store
 from gateway.core.settings import Settings, load_settings
 from tests.support import Upstream, server_dir, start_upstream
 
@@ -168,7 +168,7 @@ def settings(env: dict[str, str]) -> Settings:
 
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[Any]:
-    p = await store.create_pool(database_url, min_size=1, max_size=4)
+    p = await database.create_pool(database_url, min_size=1, max_size=4)
     try:
         yield p
     finally:

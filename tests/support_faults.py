@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import aiohttp
 import asyncpg
 import httptools
 
+from admin.devenv.child_server import ChildServer
 from admin.devenv.postgres_server import EmbeddedPostgres
 from admin.devenv.redis_server import EmbeddedRedis
 from gateway.core import store
@@ -296,3 +299,127 @@ async def scripted_upstream(reply: bytes | None) -> AsyncIterator[ScriptedUpstre
         yield upstream
     finally:
         await upstream.stop()
+
+
+# --- stores that hang, and a change feed that breaks -------------------------------------------------------
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process descending from it (from /proc), parents before their children."""
+    tree, generation = [root], [root]
+    for _ in range(8):  # a server's tree is shallow (postmaster -> backends); bound the walk anyway
+        generation = [child for parent in generation for child in children_of(parent)]
+        if not generation:
+            break
+        tree += generation
+    return tree
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def frozen(server: ChildServer) -> Iterator[list[int]]:
+    """SIGSTOP an embedded server and every process it started (a hung host: connections are accepted by the
+    kernel, nothing answers), and SIGCONT them all on the way out, whatever happened. Yields the PIDs."""
+    root = server.pid
+    assert root is not None, f"{server!r} is not running"
+    stopped: list[int] = []
+    try:
+        # The parent first, so that it forks nothing new; then whatever it had started, until nothing is new.
+        for _ in range(10):
+            new = [pid for pid in process_tree(root) if pid not in stopped]
+            if not new:
+                break
+            for pid in new:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+        deadline = time.monotonic() + 2
+        while any(_state(pid) not in ("T", "t", None) for pid in stopped):
+            assert time.monotonic() < deadline, f"{server!r}: not every process stopped"
+            time.sleep(0.01)
+        yield stopped
+    finally:
+        for pid in reversed(stopped):  # children first, the parent last
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+async def run_script(dsn: str, script: str) -> None:
+    """Run several `;`-separated statements as `psql -c` does: one simple-query message, so one implicit
+    transaction, committed after the last statement (asyncpg's execute without arguments)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(script)
+    finally:
+        await conn.close()
+
+
+# The application_name of a gateway worker's LISTEN connection (gateway.invalidation).
+LISTEN_APPLICATION = "credgate-listen"
+LISTEN_BACKENDS = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+TERMINATE_LISTEN_BACKENDS = (
+    f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{LISTEN_APPLICATION}'"
+)
+
+
+async def listen_backends(conn: store.Connection) -> set[int]:
+    """PIDs of the Postgres backends serving gateway LISTEN connections now."""
+    return {row[0] for row in await conn.fetch(LISTEN_BACKENDS, LISTEN_APPLICATION)}
+
+
+def sql_name(name: str) -> str:
+    """A role or credential id safe to paste into a simple-query script (which cannot take parameters)."""
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", name), name
+    return name
+
+
+async def login_role(postgres: EmbeddedPostgres, role: str) -> str:
+    """A LOGIN role of its own (not the superuser the CLI and the test use) with what a gateway needs on the
+    migrated schema; returns a database URL that connects as it."""
+    role = sql_name(role)
+    await run_script(postgres.url, f"""
+        CREATE ROLE "{role}" LOGIN;
+        GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}";
+        GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}";
+    """)
+    return f"postgresql://{role}@127.0.0.1:{postgres.port}/postgres"
+
+
+async def timed_request(method: str, url: str, headers: dict[str, str] | None = None, data: str | None = None,
+                        limit: float = 10) -> tuple[Reply | None, float]:
+    """One request on a fresh connection and the seconds it took; None instead of a reply after `limit` s."""
+    started = time.monotonic()
+    connector = aiohttp.TCPConnector(force_close=True)
+    client_timeout = aiohttp.ClientTimeout(total=limit)
+    try:
+        async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session, session.request(
+                method, url, headers=headers or {}, data=data) as resp:
+            reply: Reply | None = Reply(resp.status, dict(resp.headers), await resp.read())
+    except TimeoutError:
+        reply = None
+    return reply, time.monotonic() - started
+
+
+# Set when CREDGATE_DEBUG_WORKER_HEADER=1: the PID of the worker that answered.
+WORKER_HEADER = "X-Credgate-Worker"
+
+
+async def workers_answering(url: str, token: str, status: int, workers: int, within: float = 10) -> set[str]:
+    """Requests with `token` on fresh connections until `workers` distinct workers answered `status` (any
+    other status fails the test); returns their ids (needs CREDGATE_DEBUG_WORKER_HEADER=1)."""
+    answered: set[str] = set()
+
+    async def check() -> bool:
+        reply = await http_get(url, bearer(token))
+        assert reply.status == status, (reply.status, reply.body)
+        answered.add(reply.headers[WORKER_HEADER])
+        return len(answered) >= workers
+
+    await eventually(check, within, f"{workers} workers answering {status}", interval=0.01)
+    return answered

@@ -26,7 +26,7 @@ from admin.devenv.child_server import EmbeddedServerError, stop_all
 from admin.devenv.demo_upstream import start_demo_upstream
 from admin.devenv.postgres_server import EmbeddedPostgres
 from admin.devenv.redis_server import EmbeddedRedis
-from gateway.core import formats, store
+from gateway.core import database, formats, store
 from gateway.core.redaction import redact_url
 from gateway.core.settings import Settings, SettingsError, load_settings, parse_listen
 
@@ -102,7 +102,7 @@ def run_up(args: argparse.Namespace) -> int:
 async def _bootstrap(settings: Settings, data_dir: Path) -> tuple[str, str]:
     """Migrate; make sure the demo admin, group, service account and token exist. Returns (password, token)."""
 
-    pool = await store.create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
+    pool = await database.create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
     hash_secret = lifecycle.secret_hasher(settings.argon2)
     actor = lifecycle.cli_actor()
     try:

@@ -70,6 +70,8 @@ class CacheSettings:
     negative_ttl: float = 5.0
     stale_ttl: float = 300.0
     max_entries: int = 1_000_000
+    store_timeout: float = 1.5  # one credential read from Postgres on the request path (pool wait + query)
+    redis_timeout: float = 0.5  # one Redis call on the request path
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +85,9 @@ class Argon2Settings:
 
 @dataclass(frozen=True, slots=True)
 class ThrottleSettings:
-    max_failures: int = 10
+    max_failures: int = 10  # per credential id and client address
     per_address_max_failures: int = 50
+    per_id_max_failures: int = 100  # per credential id, over every address
     window_seconds: float = 60.0
 
 
@@ -104,6 +107,7 @@ class AdminSettings:
     login_max_failures: int = 5
     login_window_seconds: float = 300.0
     access_log: str = "stdout"
+    store_timeout: float = 5.0  # a request's wait on Postgres before 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +340,12 @@ def _validate_values(s: Settings, problems: list[str]) -> None:
         ("cache.memory_ttl", s.cache.memory_ttl),
         ("cache.redis_ttl", s.cache.redis_ttl),
         ("cache.max_entries", s.cache.max_entries),
+        ("cache.store_timeout", s.cache.store_timeout),
+        ("cache.redis_timeout", s.cache.redis_timeout),
         ("throttle.max_failures", s.throttle.max_failures),
+        ("throttle.per_address_max_failures", s.throttle.per_address_max_failures),
+        ("throttle.per_id_max_failures", s.throttle.per_id_max_failures),
+        ("admin.store_timeout", s.admin.store_timeout),
         ("throttle.window_seconds", s.throttle.window_seconds),
         ("policy.default_expiry_days", s.policy.default_expiry_days),
         ("policy.max_expiry_days", s.policy.max_expiry_days),

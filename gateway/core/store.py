@@ -9,9 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import date, datetime
 from importlib import resources
-from typing import Any, Protocol, cast
-
-import asyncpg
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +51,7 @@ class Connection(_Queries, Protocol):
 
 
 class Pool(_Queries, Protocol):
-    """An asyncpg pool, as made by create_pool."""
+    """An asyncpg pool, as made by gateway.core.database.create_pool."""
 
     def acquire(self, *, timeout: float | None = None) -> AbstractAsyncContextManager[Connection]: ...
 
@@ -64,7 +62,7 @@ class Pool(_Queries, Protocol):
     def get_idle_size(self) -> int: ...
 
 
-def _json_encode(value: Any) -> str:
+def json_encode(value: Any) -> str:
     return json.dumps(value, default=_json_default)
 
 
@@ -72,23 +70,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat().replace("+00:00", "Z")
     return str(value)
-
-
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> Pool:
-    """An asyncpg pool; statement cache on, JSON codec for jsonb columns."""
-
-    async def init(conn: asyncpg.Connection) -> None:
-        await conn.set_type_codec("jsonb", encoder=_json_encode, decoder=json.loads, schema="pg_catalog")
-
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
-        init=init,
-        command_timeout=30,
-        server_settings={"application_name": "credgate"},
-    )
-    return cast(Pool, pool)  # the one place asyncpg's untyped pool enters
 
 
 # Health and readiness probes: the cheapest statement that still needs a working connection.
@@ -153,7 +134,8 @@ SELECT c.id, c.public_id, c.kind, c.secret_hash, c.previous_secret_hash, c.previ
        c.name, c.expires_at, c.revoked_at, c.created_by, c.creator_id,
        o.id AS owner_id, o.name AS owner_name, (o.disabled OR o.deleted_at IS NOT NULL) AS owner_disabled,
        cr.name AS creator_name,
-       ARRAY({_group_names_of("o.id")}) AS groups
+       ARRAY({_group_names_of("o.id")}) AS groups,
+       (SELECT seq FROM credgate_changes) AS change_seq
 FROM credentials c
 JOIN principals o ON o.id = c.owner_id
 LEFT JOIN principals cr ON cr.id = c.creator_id
@@ -178,6 +160,7 @@ class AuthRecord:
     owner_disabled: bool
     creator: str
     groups: tuple[str, ...]
+    change_seq: int  # how many changes the snapshot of this read had seen (migration 004)
 
     def __repr__(self) -> str:  # hashes are not secrets, but nothing that verifies a secret goes into logs
         return f"AuthRecord(public_id={self.public_id!r}, kind={self.kind!r}, owner={self.owner_name!r})"
@@ -204,9 +187,12 @@ def record_from_row(row: Record) -> AuthRecord:
         owner_disabled=row["owner_disabled"],
         creator=row["creator_name"] or row["created_by"],
         groups=tuple(row["groups"]),
+        change_seq=row["change_seq"],
     )
 
 
+# The deployment-wide change sequence (migration 004), read when the LISTEN connection is (re)established.
+CHANGE_SEQUENCE = "SELECT seq FROM credgate_changes"
 UPDATE_SECRET_HASH = "UPDATE credentials SET secret_hash = $2 WHERE public_id = $1 AND secret_hash = $3"
 # The invalidation listener's question when a principal changes: which cached credentials does it own?
 CREDENTIAL_IDS_OF_OWNER = "SELECT public_id FROM credentials WHERE owner_id = $1"
@@ -354,7 +340,7 @@ async def write_audit(
 ) -> None:
     """Append one audit event; call inside the transaction that makes the change."""
     await conn.execute(INSERT_AUDIT, actor.label, actor.principal_id, actor.auth_method, action, target_type, target,
-                       _json_encode(dict(changes or {})), actor.request_id, actor.source)
+                       json_encode(dict(changes or {})), actor.request_id, actor.source)
 
 
 # --- usage --------------------------------------------------------------------------------------------------

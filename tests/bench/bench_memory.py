@@ -54,7 +54,8 @@ def fill(count: int) -> Any:
         record = AuthRecord(
             id=i, public_id=public_id, kind="token", secret_hash=stored, previous_secret_hash=None,
             previous_expires_at=None, name=f"credential-{i}", expires_at=expires, revoked_at=None, owner_id=owner,
-            owner_name=f"service-{owner}", owner_disabled=False, creator="cli:root", groups=("readers", "writers"))
+            owner_name=f"service-{owner}", owner_disabled=False, creator="cli:root", groups=("readers", "writers"),
+            change_seq=0)
         entry = CachedCredential.from_record(record, now)
         entry.add_digest(digest, entry.current_fp)
         entry.header_blocks[b"bearer"] = identity_block(policy, {

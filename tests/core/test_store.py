@@ -74,6 +74,7 @@ async def test_changes_made_with_plain_sql_notify(pool: Any, database_url: str) 
             "t": "p",
             "id": str(owner),
             "ts": pytest.approx(event["ts"], abs=60),
+            "seq": event["seq"] + 1,  # the change sequence counts committed changes in order (migration 004)
         }
         gid = await pool.fetchval("INSERT INTO permission_groups (name) VALUES ('g') RETURNING id")
         await pool.execute("INSERT INTO memberships VALUES ($1, $2)", owner, gid)

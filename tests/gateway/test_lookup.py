@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from admin import lifecycle
+from gateway.core import store
 from gateway.core.formats import new_public_id
 from gateway.core.settings import Settings
 from gateway.entry import UNAVAILABLE, CachedCredential, Negative, Verdict
-from gateway.lookup import UNKNOWN, Coalescer, CredentialLookup
+from gateway.lookup import UNKNOWN, Coalescer, CredentialLookup, StoreDown, StoreHealth
 from gateway.memory import MemoryCache
 from gateway.redis_tier import RedisTier, credential_key, negative_key
 
@@ -85,7 +86,8 @@ async def test_an_entry_read_before_a_change_notification_is_not_reused(
     public_id = await make_key(pool, settings)
     assert isinstance(await record(lookup, public_id), CachedCredential)
     await pool.execute("UPDATE credentials SET revoked_at = now() WHERE public_id = $1", public_id)
-    lookup.memory.changed(public_id=public_id)  # what the invalidation listener does on the notification
+    seq = await pool.fetchval(store.CHANGE_SEQUENCE)
+    lookup.memory.changed(seq, public_id=public_id)  # what the invalidation listener does on the notification
     lookup.memory.evict(public_id)
     seen.clear()
     found = await record(lookup, public_id)
@@ -171,3 +173,17 @@ async def test_revoked_entries_in_redis_answer_without_the_store(
     found = await lookup.from_redis(walk, b"a digest nobody verified")
     assert isinstance(found, CachedCredential) and found.revoked  # revocation needs no secret to be known
     assert seen == [("redis", "hit")]
+
+
+async def test_a_failed_store_read_marks_the_store_down_then_one_read_probes_it() -> None:
+    health = StoreHealth()
+    with pytest.raises(TimeoutError), health.attempt():
+        raise TimeoutError  # a read past its deadline
+    with pytest.raises(StoreDown), health.attempt():
+        pass  # the others answer at once
+    health.down_until = time.monotonic() - 0.01  # a second later
+    with health.attempt(), pytest.raises(StoreDown), health.attempt():
+        pass  # only one probe at a time
+    assert health.down_until == 0.0 and not health.probing  # the probe succeeded: the outage is over
+    with health.attempt():
+        pass

@@ -158,7 +158,7 @@ def entry(**changes: Any) -> CachedCredential:
         public_id="AAAAAAAAAAAA", credential_id=1, kind="key", name="ci", owner_id=7, owner_name="svc",
         owner_disabled=False, revoked=False, expires_at=None, creator="cli:root",
         groups=frozenset({"finance", "hr"}), current_fp=FP, previous_fp="", previous_until=0.0,
-        fetched=time.monotonic(), stored_at=time.time())
+        fetched=time.monotonic(), stored_at=time.time(), seq=0)
     values.update(changes)
     return CachedCredential(**values)
 
