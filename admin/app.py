@@ -18,6 +18,8 @@ from admin.errors import ApiError, error_response, from_http_exception, json_res
 from admin.idempotency import KEY_LIFETIME, RotationReplay
 from admin.lifecycle import LifecycleError
 from admin.metrics import AdminMetrics
+from admin.ui import setup_ui
+from admin.ui.web import is_page, pages_middleware
 from admin.views import audit, credentials, groups, session, users
 from admin.views.common import SERVICES, Services
 from gateway.core import database, hashing, store
@@ -100,6 +102,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     request_id = _request_id(request)
     request[REQUEST_ID] = request_id
     response: web.StreamResponse
+    if is_page(request):  # the web UI answers its own errors as pages (admin.ui.web)
+        response = await handler(request)
+        response.headers["X-Request-Id"] = request_id
+        request.app[SERVICES].metrics.count_request(_route_label(request), request.method, response.status)
+        return response
     deadline = request.app[SERVICES].settings.admin.store_timeout
     try:
         # Every wait on the database is bounded: a hung or partitioned Postgres answers 503, never a hang.
@@ -147,7 +154,8 @@ def _log_bug(request: web.Request, request_id: str, exc: Exception) -> None:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.match_info.http_exception is not None or request.match_info.handler in PUBLIC_HANDLERS:
+    if is_page(request) or request.match_info.http_exception is not None or \
+            request.match_info.handler in PUBLIC_HANDLERS:
         return await handler(request)
     auth = request.app[SERVICES].auth
     identity = await auth.authenticate(request)
@@ -191,10 +199,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             yield
 
     app = web.Application(client_max_size=settings.admin.max_body_bytes,
-                          middlewares=[errors_middleware, auth_middleware])
+                          middlewares=[errors_middleware, pages_middleware, auth_middleware])
     app.cleanup_ctx.append(resources)
     for method, path, handler in ROUTES:
         app.router.add_route(method, API + path, handler)
+    setup_ui(app)
     return app
 
 

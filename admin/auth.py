@@ -164,6 +164,10 @@ class AdminAuth:
             raise ApiError(403, "csrf_failed", f"missing or wrong {CSRF_HEADER} header; send the csrf_token "
                            "returned by POST /api/v1/session")
 
+    async def session_identity(self, token: str) -> Identity:
+        """Who a session cookie belongs to (the web UI's or the API's); ApiError 401 when it is not valid."""
+        return await self._from_session(token)
+
     async def _from_session(self, token: str) -> Identity:
         if not 0 < len(token) <= 128:
             raise unauthorized("session expired or logged out; log in again")

@@ -155,24 +155,29 @@ async def create_principal(pool: Pool, actor: Actor, hash_secret: HashSecret, na
         password = generate_password()
     password_hash = await hash_secret(password) if password else None
     async with pool.acquire() as conn, conn.transaction():
-        try:
-            row = await conn.fetchrow(store.INSERT_PRINCIPAL, name, "service" if service else "user", admin,
-                                      password_hash)
-        except asyncpg.UniqueViolationError:
-            raise Conflict(f"a principal named {name!r} already exists", "name") from None
-        except asyncpg.CheckViolationError:
-            raise LifecycleError(
-                "name must be 1-128 characters of letters, digits and . _ @ - starting with a letter or digit", "name"
-            ) from None
-        assert row is not None  # INSERT ... RETURNING gives the new row
-        for group in groups:
-            g = await conn.fetchrow(store.GROUP_BY_NAME, group)
-            if g is None:
-                raise NotFound(f"no group named {group!r}; create it first", "groups")
-            await conn.execute(store.ADD_MEMBER, row["id"], g["id"])
-        await store.write_audit(conn, actor, "principal.create", "principal", name, {
-            "kind": row["kind"], "is_admin": admin, "groups": list(groups), "password_set": password is not None})
+        row = await _insert_principal(conn, actor, name, service, admin, groups, password_hash)
     return NewPrincipal(public_principal(row, sorted(groups)), password)
+
+
+async def _insert_principal(conn: Connection, actor: Actor, name: str, service: bool, admin: bool,
+                            groups: Sequence[str], password_hash: str | None) -> Record:
+    try:
+        row = await conn.fetchrow(store.INSERT_PRINCIPAL, name, "service" if service else "user", admin, password_hash)
+    except asyncpg.UniqueViolationError:
+        raise Conflict(f"a principal named {name!r} already exists", "name") from None
+    except asyncpg.CheckViolationError:
+        raise LifecycleError(
+            "name must be 1-128 characters of letters, digits and . _ @ - starting with a letter or digit", "name"
+        ) from None
+    assert row is not None  # INSERT ... RETURNING gives the new row
+    for group in groups:
+        g = await conn.fetchrow(store.GROUP_BY_NAME, group)
+        if g is None:
+            raise NotFound(f"no group named {group!r}; create it first", "groups")
+        await conn.execute(store.ADD_MEMBER, row["id"], g["id"])
+    await store.write_audit(conn, actor, "principal.create", "principal", name, {
+        "kind": row["kind"], "is_admin": admin, "groups": list(groups), "password_set": password_hash is not None})
+    return row
 
 
 async def set_disabled(pool: Pool, actor: Actor, name: str, disabled: bool) -> dict[str, Any]:
@@ -330,12 +335,34 @@ async def create_credential(pool: Pool, actor: Actor, hash_secret: HashSecret, p
     secret, shown = _new_secret(kind, public_id)
     secret_hash = await hash_secret(secret)
     async with pool.acquire() as conn, conn.transaction():
-        owner_row = await get_principal(conn, owner)
-        await conn.execute(store.INSERT_CREDENTIAL, public_id, kind, secret_hash, name, owner_row["id"],
-                           actor.principal_id, actor.label, expiry)
-        await store.write_audit(conn, actor, "credential.create", "credential", public_id,
-                                {"kind": kind, "name": name, "owner": owner, "expires_at": expiry})
-        row = await get_credential(conn, public_id)
+        row = await _insert_credential(conn, actor, owner, kind, name, expiry, public_id, secret_hash)
+    return IssuedSecret(public_credential(row), **shown)
+
+
+async def _insert_credential(conn: Connection, actor: Actor, owner: str, kind: str, name: str,
+                             expiry: datetime | None, public_id: str, secret_hash: str) -> Record:
+    owner_row = await get_principal(conn, owner)
+    await conn.execute(store.INSERT_CREDENTIAL, public_id, kind, secret_hash, name, owner_row["id"],
+                       actor.principal_id, actor.label, expiry)
+    await store.write_audit(conn, actor, "credential.create", "credential", public_id,
+                            {"kind": kind, "name": name, "owner": owner, "expires_at": expiry})
+    return await get_credential(conn, public_id)
+
+
+async def create_api_account(pool: Pool, actor: Actor, hash_secret: HashSecret, policy: PolicySettings, *,
+                             name: str, group: str, expires_in_days: int | Literal["never"] | None = None,
+                             credential_name: str = "") -> IssuedSecret:
+    """An API account for a permission group: a service account in that group and its key pair, in one
+    transaction (both exist, with both audit events, or neither does)."""
+    _check_credential_name(credential_name)
+    expiry = resolve_expiry(policy, expires_in_days=expires_in_days)
+    public_id = formats.new_public_id()
+    secret, shown = _new_secret("key", public_id)
+    secret_hash = await hash_secret(secret)
+    async with pool.acquire() as conn, conn.transaction():
+        await _insert_principal(conn, actor, name, True, False, [group], None)
+        row = await _insert_credential(conn, actor, name, "key", credential_name or name, expiry, public_id,
+                                       secret_hash)
     return IssuedSecret(public_credential(row), **shown)
 
 

@@ -179,7 +179,8 @@ async def _run(settings: Settings, config: str | None) -> int:
     _say(f"""
 credgate is up.
   gateway      http://{gw_host}:{gw_port}   (metrics http://{settings.gateway.metrics_listen}/metrics)
-  admin API    http://{adm_host}:{adm_port}/api/v1   login: {DEMO_ADMIN} / {password}
+  admin UI     http://{adm_host}:{adm_port}/   sign in as: {DEMO_ADMIN} / {password}
+  admin API    http://{adm_host}:{adm_port}/api/v1
   upstream     http://127.0.0.1:{upstream.port}   (echoes the request headers)
 
 Try it (the demo token belongs to service account {DEMO_SERVICE}, group {DEMO_GROUP}):

@@ -22,7 +22,7 @@ MAX_GRACE_SECONDS = 7 * 86400
 MAX_USAGE_DAYS = 366
 
 
-async def _visible(conn: Connection, request: web.Request) -> Record:
+async def visible_credential(conn: Connection, request: web.Request) -> Record:
     """The credential named in the path, when the caller may see it."""
     identity = current(request)
     public_id = request.match_info["id"]
@@ -84,7 +84,7 @@ async def create_credential(request: web.Request) -> web.Response:
 
 async def show_credential(request: web.Request) -> web.Response:
     async with services(request).pool.acquire() as conn:
-        row = await _visible(conn, request)
+        row = await visible_credential(conn, request)
     return json_response(lifecycle.public_credential(row))
 
 
@@ -98,7 +98,7 @@ async def update_credential(request: web.Request) -> web.Response:
     body.done()
     svc = services(request)
     async with svc.pool.acquire() as conn:
-        row = await _visible(conn, request)
+        row = await visible_credential(conn, request)
     _owner_allowed(request, owner)
     updated = await lifecycle.update_credential(
         svc.pool, actor_for(request), svc.settings.policy, row["public_id"], name=name, owner=owner,
@@ -116,7 +116,7 @@ async def rotate_credential(request: web.Request) -> web.Response:
     key = request.headers.get(IDEMPOTENCY_HEADER)
     svc = services(request)
     async with svc.pool.acquire() as conn:
-        public_id = (await _visible(conn, request))["public_id"]
+        public_id = (await visible_credential(conn, request))["public_id"]
 
     async def rotate() -> dict[str, Any]:
         issued = await lifecycle.rotate_credential(svc.pool, actor_for(request), svc.hash_secret, public_id,
@@ -133,7 +133,7 @@ async def revoke_credential(request: web.Request) -> web.Response:
     """Irreversible; the credential stays listed as revoked. Revoking twice is a no-op."""
     svc = services(request)
     async with svc.pool.acquire() as conn:
-        public_id = (await _visible(conn, request))["public_id"]
+        public_id = (await visible_credential(conn, request))["public_id"]
     await lifecycle.revoke_credential(svc.pool, actor_for(request), public_id)
     return no_content()
 
@@ -144,7 +144,7 @@ async def credential_usage(request: web.Request) -> web.Response:
     days = query.query_int("days", minimum=1, maximum=MAX_USAGE_DAYS, default=30)
     query.done()
     async with services(request).pool.acquire() as conn:
-        row = await _visible(conn, request)
+        row = await visible_credential(conn, request)
         since = (lifecycle.now_utc() - timedelta(days=days - 1)).date()
         rows = await conn.fetch(store.USAGE_FOR_CREDENTIAL, row["id"], since)
     per_day = [{"day": r["day"], "requests": r["requests"]} for r in rows]

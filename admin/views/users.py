@@ -55,7 +55,7 @@ async def show_user(request: web.Request) -> web.Response:
     return json_response(lifecycle.public_principal(row, groups))
 
 
-def _not_yourself(request: web.Request, verb: str) -> str:
+def not_yourself(request: web.Request, verb: str) -> str:
     identity = current(request)
     require_admin(identity)
     name = path_name(request)
@@ -66,7 +66,7 @@ def _not_yourself(request: web.Request, verb: str) -> str:
 
 
 async def disable_user(request: web.Request) -> web.Response:
-    name = _not_yourself(request, "disable")
+    name = not_yourself(request, "disable")
     return json_response(await lifecycle.set_disabled(services(request).pool, actor_for(request), name, True))
 
 
@@ -77,14 +77,14 @@ async def enable_user(request: web.Request) -> web.Response:
 
 
 async def delete_user(request: web.Request) -> web.Response:
-    name = _not_yourself(request, "delete")
+    name = not_yourself(request, "delete")
     await lifecycle.delete_principal(services(request).pool, actor_for(request), name)
     return no_content()
 
 
 async def reset_password(request: web.Request) -> web.Response:
     """A new generated password for an interactive user, shown once; their sessions end."""
-    name = _not_yourself(request, "reset the password of")
+    name = not_yourself(request, "reset the password of")
     svc = services(request)
     password = await lifecycle.reset_password(svc.pool, actor_for(request), svc.hash_secret, name)
     async with svc.pool.acquire() as conn:

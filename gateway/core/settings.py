@@ -108,6 +108,7 @@ class AdminSettings:
     login_window_seconds: float = 300.0
     access_log: str = "stdout"
     store_timeout: float = 5.0  # a request's wait on Postgres before 503
+    gateway_url: str = ""  # the gateway as API clients reach it (UI usage examples); "" = http://<gateway.listen>
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,11 @@ class Settings:
     @property
     def secret_key_bytes(self) -> bytes:
         return self.secret_key.reveal().encode()
+
+    @property
+    def gateway_url(self) -> str:
+        """Where API clients reach the gateway: admin.gateway_url, else http://<gateway.listen>."""
+        return self.admin.gateway_url.rstrip("/") or f"http://{self.gateway.listen}"
 
 
 class SettingsError(Exception):

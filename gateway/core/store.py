@@ -266,6 +266,25 @@ WHERE ($1::bigint IS NULL OR c.owner_id = $1)
         ELSE 'valid' END)
   AND c.id > $5
 ORDER BY c.id LIMIT $6"""
+# The web UI's credential list: owner ($1), kind ($2), search on the name
+# (ILIKE $3) or the public id inside a client ID or token (LIKE $4), the statuses shown ($6, with 'expires-soon'
+# for valid credentials expiring within $5 days, as credential_status otherwise), keyset on id both ways:
+# $7 = the next page (ids below), $8 = the previous page (ids above, read upwards and shown reversed).
+LIST_CREDENTIALS_PAGE = f"""
+SELECT {CREDENTIAL_COLUMNS} FROM credentials c JOIN principals o ON o.id = c.owner_id
+WHERE ($1::bigint IS NULL OR c.owner_id = $1)
+  AND ($2::text IS NULL OR c.kind = $2)
+  AND ($3::text IS NULL OR c.name ILIKE $3 OR c.public_id LIKE $4::text)
+  AND CASE
+        WHEN c.revoked_at IS NOT NULL THEN 'revoked'
+        WHEN c.expires_at IS NOT NULL AND c.expires_at <= now() THEN 'expired'
+        WHEN o.disabled OR o.deleted_at IS NOT NULL THEN 'suspended'
+        WHEN c.expires_at IS NOT NULL AND c.expires_at <= now() + make_interval(days => $5::int) THEN 'expires-soon'
+        ELSE 'valid' END = ANY($6::text[])
+  AND ($7::bigint IS NULL OR c.id < $7)
+  AND ($8::bigint IS NULL OR c.id > $8)
+ORDER BY CASE WHEN $8::bigint IS NULL THEN -c.id ELSE c.id END
+LIMIT $9"""
 # The end of a rotation's grace period, by the database's clock like every other timestamp it compares.
 NOW_PLUS_SECONDS = "SELECT now() + make_interval(secs => $1)"
 ROTATE_CREDENTIAL = """
