@@ -200,5 +200,8 @@ def _http_message(exc: web.HTTPException) -> str:
 def _error_page(request: web.Request, status: int, message: str) -> web.Response:
     titles = {400: "Check what you entered", 403: "Not allowed", 404: "Not found", 409: "Conflict",
               429: "Too many attempts", 503: "Temporarily unavailable"}
-    return render(request, "error.html", {"title": titles.get(status, "Error"), "message": message,
-                                          "status": status}, status=status)
+    response = render(request, "error.html", {"title": titles.get(status, "Error"), "message": message,
+                                              "status": status}, status=status)
+    if status == 503:
+        response.headers["Retry-After"] = "5"
+    return response

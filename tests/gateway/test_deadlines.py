@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,13 @@ async def test_frozen_postgres_the_admin_api_is_503_within_its_deadline(tmp_path
             assert login.status == 200, login.body
             csrf = {"X-CSRF-Token": login.json()["csrf_token"]}
             assert (await admin_call(session, "GET", api + "/credentials"))[0].status == 200
+            # the web UI too: signed in through its form before the freeze
+            form_page, _ = await admin_call(session, "GET", admin.url + "/sign-in")
+            token = re.search(rb'name="csrf_token" value="([^"]+)"', form_page.body)
+            assert token is not None
+            signed_in, _ = await admin_call(session, "POST", admin.url + "/sign-in", allow_redirects=False, data={
+                "username": "root", "password": root["password"], "csrf_token": token.group(1).decode()})
+            assert signed_in.status == 303, signed_in.body
             took: dict[str, float] = {}
             with frozen(stores.postgres):
                 for name, method, path, kwargs in (
@@ -168,5 +176,9 @@ async def test_frozen_postgres_the_admin_api_is_503_within_its_deadline(tmp_path
                     assert reply.json()["error"] == "unavailable"
                     assert int(reply.headers["Retry-After"]) >= 1
                     assert took[name] < ADMIN_STORE_TIMEOUT + SLACK, f"{name} took {took[name]:.2f}s"
+                page, took["page"] = await admin_call(session, "GET", admin.url + "/credentials")
+                assert page.status == 503 and page.headers["Content-Type"].startswith("text/html")
+                assert b"did not answer in time" in page.body and int(page.headers["Retry-After"]) >= 1
+                assert took["page"] < ADMIN_STORE_TIMEOUT + SLACK, f"the page took {took['page']:.2f}s"
         print(f"\nfrozen Postgres, admin.store_timeout {ADMIN_STORE_TIMEOUT}s: admin API 503 in "
               + ", ".join(f"{name} {seconds:.3f}s" for name, seconds in took.items()))
