@@ -50,6 +50,7 @@ NOTICES = {
     "updated": "Changes saved.",
     "deleted": "Credential deleted.",
     "signed-out": "You are signed out.",
+    "session-expired": "Your session has expired. Sign in again.",
     "user-created": "User created.",
     "api-account-created": "API account created.",
     "user-disabled": "User disabled: their credentials are suspended.",
@@ -166,7 +167,9 @@ async def _authorised(request: web.Request, handler: Handler) -> web.StreamRespo
     identity = await _signed_in(request)
     if identity is None:
         target = request.path_qs if request.method == "GET" else "/credentials"
-        raise web.HTTPSeeOther("/sign-in?next=" + quote(target, safe="/"))
+        # a cookie that no longer opens a session: it expired or was signed out elsewhere; say so
+        expired = "&done=session-expired" if UI_SESSION_COOKIE in request.cookies else ""
+        raise web.HTTPSeeOther("/sign-in?next=" + quote(target, safe="/") + expired)
     request[IDENTITY] = identity
     if request.method not in ("GET", "HEAD"):
         check_csrf(request, identity, await form(request))

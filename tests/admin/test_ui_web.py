@@ -118,3 +118,10 @@ async def test_an_unknown_page_is_a_404_page_not_a_traceback(world: World) -> No
         text = await resp.text()
         assert resp.status == 404 and resp.headers["Content-Type"].startswith("text/html")
         assert "Not found" in text and "Traceback" not in text
+
+
+async def test_an_expired_session_says_so_on_the_sign_in_page(world: World) -> None:
+    world.client.session.cookie_jar.update_cookies({UI_SESSION_COOKIE: "no-such-session"})
+    async with world.client.get("/credentials") as resp:
+        assert str(resp.url.path) == "/sign-in"
+        assert "Your session has expired. Sign in again." in await resp.text()
