@@ -17,7 +17,7 @@ from admin.ui.web import redirect, render, require_admin_page
 from admin.views.common import path_name, services
 
 # The JSON API's rule that nobody disables, deletes or resets themselves: one home, reused here.
-from admin.views.users import not_yourself
+from admin.views.users import not_yourself, reset_and_sign_out
 from gateway.core import store
 
 KINDS = {"user": "User", "service": "Service account"}
@@ -130,11 +130,7 @@ async def reset_password(request: web.Request) -> web.Response:
     """A new generated password, shown once; like the JSON API, the user's sessions end."""
     require_admin_page(request)
     name = not_yourself(request, "reset the password of")
-    svc = services(request)
-    password = await lifecycle.reset_password(svc.pool, actor_for(request), svc.hash_secret, name)
-    async with svc.pool.acquire() as conn:
-        row = await lifecycle.get_principal(conn, name)
-    await svc.auth.end_sessions(row["id"])
+    password = await reset_and_sign_out(request, name)
     return render(request, "user_password.html", {"title": "Password reset", "name": name, "password": password,
                                                          "done": "password-reset"})
 

@@ -85,9 +85,14 @@ async def delete_user(request: web.Request) -> web.Response:
 async def reset_password(request: web.Request) -> web.Response:
     """A new generated password for an interactive user, shown once; their sessions end."""
     name = not_yourself(request, "reset the password of")
+    return json_response({"name": name, "password": await reset_and_sign_out(request, name)})
+
+
+async def reset_and_sign_out(request: web.Request, name: str) -> str:
+    """A new generated password (shown once by the caller); every session of that user ends."""
     svc = services(request)
     password = await lifecycle.reset_password(svc.pool, actor_for(request), svc.hash_secret, name)
     async with svc.pool.acquire() as conn:
         row = await lifecycle.get_principal(conn, name)
     await svc.auth.end_sessions(row["id"])
-    return json_response({"name": name, "password": password})
+    return password
