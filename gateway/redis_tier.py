@@ -53,6 +53,10 @@ def verifying_key(public_id: str, digest: bytes) -> str:
 
 
 
+# Redis connections per process; far more than one process keeps busy (each call takes well under 1 ms).
+_MAX_CONNECTIONS = 64
+
+
 class RedisTier:
     """The shared tier. Every call degrades to 'no answer' when Redis is unreachable; `up` tells which."""
 
@@ -64,11 +68,14 @@ class RedisTier:
         on_state: Callable[[bool], None] = lambda _up: None,
         timeout: float = 0.5,
     ) -> None:
-        self.client: aioredis.Redis | None = (
-            aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0)
-            if url
-            else None
-        )
+        self.client: aioredis.Redis | None = None
+        if url:
+            # A burst of requests waits (up to the deadline) for one of a bounded set of connections: an
+            # unbounded pool would open a connection per concurrent request, a non-blocking one fails them.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=_MAX_CONNECTIONS, timeout=timeout, socket_timeout=timeout,
+                socket_connect_timeout=timeout, health_check_interval=0)
+            self.client = aioredis.Redis.from_pool(pool)
         self.ttl_ms = int(ttl * 1000)
         self.negative_ms = max(1, int(negative_ttl * 1000))
         self.up = self.client is not None
