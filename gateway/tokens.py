@@ -35,7 +35,7 @@ _PREFIX_BYTES: Final = ACCESS_TOKEN_PREFIX.encode("ascii")
 _VERSION: Final = 1
 _TAG_LENGTH: Final = 32  # full HMAC-SHA256
 _JTI_LENGTH: Final = 16
-_FP_LENGTH: Final = 8  # cache.fingerprint() is 16 hex characters
+_FP_LENGTH: Final = 8  # entry.fingerprint() is 16 hex characters
 _PUBLIC_ID_LENGTH: Final = 12
 # version, kid length | kid | public id, fingerprint, jti, iat, exp | scope | tag
 _FIXED: Final = struct.Struct(f">{_PUBLIC_ID_LENGTH}s{_FP_LENGTH}s{_JTI_LENGTH}sII")
@@ -56,7 +56,7 @@ class AccessToken:
 
     kid: str
     public_id: str
-    fingerprint: str  # hex, as cache.fingerprint() of the secret hash the client authenticated against
+    fingerprint: str  # hex, as entry.fingerprint() of the secret hash the client authenticated against
     jti: str  # hex
     issued_at: int  # epoch seconds
     expires_at: int

@@ -78,6 +78,7 @@ async def create_api_account(request: web.Request) -> web.Response:
     headers = (svc.settings.gateway.access_key_header, svc.settings.gateway.secret_key_header)
     return render(request, "api_account_secret.html", {
         "account": name, "group": group, "expires": when(issued.credential["expires_at"]),
+        "done": "api-account-created",
         **secret_view(issued.reveal(), svc.settings.gateway_url, headers)}, status=201)
 
 
