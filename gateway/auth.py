@@ -86,9 +86,7 @@ class Authenticator:
             lookup.remember(walk, stored, keep_stale_digests=False)
             await lookup.publish(walk, stored)
             return INVALID
-        for old in walk.stale.digests if walk.stale is not None else ():
-            if old[1] in (stored.current_fp, stored.previous_fp):
-                stored.add_digest(*old)
+        lookup.carry_digests(walk, stored)
         if stored.matches(digest, time.time()):
             lookup.remember(walk, stored, keep_stale_digests=False)
             await lookup.publish(walk, stored)

@@ -215,11 +215,16 @@ class CredentialLookup:
         """Put into memory unless an invalidation arrived since the walk began (the entry would be stale)."""
         if self.memory.generation != walk.generation:
             return
-        if keep_stale_digests and walk.stale is not None:  # digests verified here stay valid while their hash does
-            for old in walk.stale.digests:
-                if old[1] in (entry.current_fp, entry.previous_fp):
-                    entry.add_digest(*old)
+        if keep_stale_digests:
+            self.carry_digests(walk, entry)
         self.memory.put(entry)
+
+    @staticmethod
+    def carry_digests(walk: Walk, entry: CachedCredential) -> None:
+        """Digests verified against a hash the new entry still accepts stay valid: no argon2 to re-learn them."""
+        for old in walk.stale.digests if walk.stale is not None else ():
+            if old[1] in (entry.current_fp, entry.previous_fp):
+                entry.add_digest(*old)
 
     async def publish(self, walk: Walk, entry: CachedCredential, digest: bytes | None = None, fp: str = "") -> None:
         """Share the entry (and a newly verified digest) through Redis, under the same rule as `remember`."""
