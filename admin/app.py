@@ -22,7 +22,7 @@ from admin.ui import setup_ui
 from admin.ui.web import is_page, pages_middleware
 from admin.views import audit, credentials, groups, session, users
 from admin.views.common import SERVICES, Services
-from gateway.core import database, hashing, store
+from gateway.core import admin_sql, database, hashing, store
 from gateway.core.errors import STORE_UNAVAILABLE
 from gateway.core.request_id import request_id_text
 from gateway.core.settings import Settings
@@ -171,9 +171,9 @@ async def _maintain(settings: Settings, pool: store.Pool) -> None:
         await asyncio.sleep(MAINTENANCE_SECONDS)
         try:
             async with pool.acquire() as conn:
-                await conn.execute(store.DELETE_EXPIRED_ADMIN_SESSIONS)
-                await conn.execute(store.PRUNE_LOGIN_FAILURES, settings.admin.login_window_seconds)
-                await conn.execute(store.PRUNE_IDEMPOTENCY_KEYS, KEY_LIFETIME)
+                await conn.execute(admin_sql.DELETE_EXPIRED_ADMIN_SESSIONS)
+                await conn.execute(admin_sql.PRUNE_LOGIN_FAILURES, settings.admin.login_window_seconds)
+                await conn.execute(admin_sql.PRUNE_IDEMPOTENCY_KEYS, KEY_LIFETIME)
         except Exception:  # the database may be away for a while; try again next round
             logger.warning("admin maintenance failed", exc_info=True)
 

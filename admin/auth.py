@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from admin.errors import ApiError, forbidden, unauthorized
-from gateway.core import hashing, store
+from gateway.core import admin_sql, hashing, store
 from gateway.core.formats import Presented
 from gateway.core.settings import Settings
 from gateway.core.store import Actor, Pool
@@ -99,7 +99,7 @@ class LoginThrottle:
         async with self.pool.acquire() as conn:
             for scope, key, limit in (("user", username, self.max_failures),
                                       ("address", address, self.max_failures * ADDRESS_FAILURE_FACTOR)):
-                rows = await conn.fetch(store.RECENT_LOGIN_FAILURES, scope, key, self.window, limit)
+                rows = await conn.fetch(admin_sql.RECENT_LOGIN_FAILURES, scope, key, self.window, limit)
                 if len(rows) >= limit:
                     # allowed again once the limit-th most recent failure leaves the window
                     edge = rows[limit - 1]
@@ -108,7 +108,7 @@ class LoginThrottle:
 
     async def failed(self, username: str, address: str) -> None:
         async with self.pool.acquire() as conn:
-            await conn.execute(store.INSERT_LOGIN_FAILURES, username, address)
+            await conn.execute(admin_sql.INSERT_LOGIN_FAILURES, username, address)
 
 
 class AdminAuth:
@@ -173,7 +173,7 @@ class AdminAuth:
             raise unauthorized("session expired or logged out; log in again")
         session_hash = self.session_hash(token)
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(store.ADMIN_SESSION_PRINCIPAL, session_hash)
+            row = await conn.fetchrow(admin_sql.ADMIN_SESSION_PRINCIPAL, session_hash)
         if row is None:
             raise unauthorized("session expired or logged out; log in again")
         return Identity(row["id"], row["name"], row["kind"], row["is_admin"], "session", session_hash,
@@ -182,7 +182,7 @@ class AdminAuth:
     async def _from_credential(self, presented: Presented, method: str) -> Identity:
         async with self.pool.acquire() as conn:
             record = await store.fetch_auth_record(conn, presented.public_id)
-            owner = None if record is None else await conn.fetchrow(store.PRINCIPAL_BY_ID, record.owner_id)
+            owner = None if record is None else await conn.fetchrow(admin_sql.PRINCIPAL_BY_ID, record.owner_id)
         if record is None or owner is None or record.kind != presented.kind:
             await self.argon2.verify(self._dummy_hash, presented.secret)
             raise unauthorized(BAD_CREDENTIAL)
@@ -225,7 +225,7 @@ class AdminAuth:
             raise ApiError(429, "throttled", f"too many failed logins; try again in {retry} s",
                            headers={"Retry-After": str(retry)})
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(store.PRINCIPAL_BY_NAME, username)
+            row = await conn.fetchrow(admin_sql.PRINCIPAL_BY_NAME, username)
         usable = row is not None and row["kind"] == "user" and not row["disabled"] and bool(row["password_hash"])
         stored = row["password_hash"] if row is not None and usable else self._dummy_hash
         matched = await self.argon2.verify(stored, password)
@@ -240,9 +240,9 @@ class AdminAuth:
         actor = Actor(label=row["name"], principal_id=row["id"], auth_method="password", request_id=request_id,
                       source=source)
         async with self.pool.acquire() as conn, conn.transaction():
-            expires_at = await conn.fetchval(store.INSERT_ADMIN_SESSION, session_hash, row["id"],
+            expires_at = await conn.fetchval(admin_sql.INSERT_ADMIN_SESSION, session_hash, row["id"],
                                              self.session_ttl, source)
-            await conn.execute(store.CLEAR_USER_LOGIN_FAILURES, username)
+            await conn.execute(admin_sql.CLEAR_USER_LOGIN_FAILURES, username)
             await store.write_audit(conn, actor, "session.login", "principal", row["name"], {})
         identity = Identity(row["id"], row["name"], row["kind"], row["is_admin"], "session", session_hash,
                             expires_at, self.csrf_token(token))
@@ -251,24 +251,24 @@ class AdminAuth:
     async def _rehash(self, principal_id: int, old_hash: str, password: str) -> None:
         new_hash = await self.argon2.hash(password)
         async with self.pool.acquire() as conn:
-            await conn.execute(store.REHASH_PASSWORD, principal_id, new_hash, old_hash)
+            await conn.execute(admin_sql.REHASH_PASSWORD, principal_id, new_hash, old_hash)
 
     async def logout(self, identity: Identity, actor: Actor) -> None:
         if identity.session_hash is None:
             raise ApiError(400, "invalid_request", "this request is not authenticated by a session; "
                            "there is nothing to log out")
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(store.DELETE_ADMIN_SESSION, identity.session_hash)
+            await conn.execute(admin_sql.DELETE_ADMIN_SESSION, identity.session_hash)
             await store.write_audit(conn, actor, "session.logout", "principal", identity.name, {})
 
     async def end_sessions(self, principal_id: int, keep: bytes | None = None) -> None:
         """Log a principal out everywhere (except the session `keep`), e.g. after a password change."""
         async with self.pool.acquire() as conn:
-            await conn.execute(store.DELETE_PRINCIPAL_SESSIONS, principal_id, keep)
+            await conn.execute(admin_sql.DELETE_PRINCIPAL_SESSIONS, principal_id, keep)
 
     async def verify_password(self, principal_id: int, password: str) -> bool:
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(store.PRINCIPAL_BY_ID, principal_id)
+            row = await conn.fetchrow(admin_sql.PRINCIPAL_BY_ID, principal_id)
         stored = row["password_hash"] if row is not None and row["password_hash"] else self._dummy_hash
         matched = await self.argon2.verify(stored, password)
         return matched and stored is not self._dummy_hash

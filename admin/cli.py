@@ -13,7 +13,7 @@ from typing import Any, Literal
 import asyncpg
 
 from admin import lifecycle
-from gateway.core import database, store
+from gateway.core import admin_sql, database, store
 from gateway.core.settings import Settings, SettingsError, exit_on_error, load_settings
 
 Command = Callable[[argparse.Namespace, Settings], Awaitable[Any]]
@@ -85,7 +85,7 @@ async def cmd_users_create(args: argparse.Namespace, settings: Settings) -> Any:
 async def cmd_users_list(args: argparse.Namespace, settings: Settings) -> Any:
     pool = await open_pool(settings)
     try:
-        rows = await pool.fetch(store.LIST_PRINCIPALS, None, 0, 10_000)
+        rows = await pool.fetch(admin_sql.LIST_PRINCIPALS, None, 0, 10_000)
     finally:
         await pool.close()
     return [lifecycle.public_principal(r) for r in rows]
@@ -124,7 +124,7 @@ async def cmd_groups_create(args: argparse.Namespace, settings: Settings) -> Any
 async def cmd_groups_list(args: argparse.Namespace, settings: Settings) -> Any:
     pool = await open_pool(settings)
     try:
-        rows = await pool.fetch(store.LIST_GROUPS)
+        rows = await pool.fetch(admin_sql.LIST_GROUPS)
     finally:
         await pool.close()
     return [{"name": r["name"], "description": r["description"], "members": list(r["members"])} for r in rows]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from admin.errors import ApiError
-from gateway.core import store
+from gateway.core import admin_sql
 from gateway.core.store import Pool
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -84,7 +84,7 @@ class RotationReplay:
             self._fail(slot, entry, exc)
             # The rotation did not happen: free the key so the client may retry with it.
             async with self.pool.acquire() as conn:
-                await conn.execute(store.RELEASE_IDEMPOTENCY_KEY, principal_id, key_hash)
+                await conn.execute(admin_sql.RELEASE_IDEMPOTENCY_KEY, principal_id, key_hash)
             raise
         entry.result.set_result(result)
         return result, False
@@ -98,11 +98,11 @@ class RotationReplay:
 
     async def _claim(self, principal_id: int, key_hash: bytes, public_id: str, fingerprint: bytes) -> None:
         async with self.pool.acquire() as conn:
-            claimed = await conn.fetchval(store.CLAIM_IDEMPOTENCY_KEY, principal_id, key_hash, public_id,
+            claimed = await conn.fetchval(admin_sql.CLAIM_IDEMPOTENCY_KEY, principal_id, key_hash, public_id,
                                           fingerprint, self.lifetime)
             if claimed is not None:
                 return
-            earlier = await conn.fetchrow(store.IDEMPOTENCY_KEY_CLAIM, principal_id, key_hash)
+            earlier = await conn.fetchrow(admin_sql.IDEMPOTENCY_KEY_CLAIM, principal_id, key_hash)
         if earlier is None or earlier["fingerprint"] != fingerprint:
             raise _mismatch()
         raise ApiError(409, "already_rotated",

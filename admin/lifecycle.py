@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from gateway.core import formats, hashing, store
+from gateway.core import admin_sql, formats, hashing, store
 from gateway.core.settings import Argon2Settings, PolicySettings
 from gateway.core.store import Actor, Connection, Pool, Record
 
@@ -138,7 +138,7 @@ def public_principal(row: Record, groups: Sequence[str] | None = None) -> dict[s
 
 
 async def get_principal(conn: Connection, name: str) -> Record:
-    row = await conn.fetchrow(store.PRINCIPAL_BY_NAME, name)
+    row = await conn.fetchrow(admin_sql.PRINCIPAL_BY_NAME, name)
     if row is None:
         raise NotFound(f"no user or service account named {name!r}", "name")
     return row
@@ -162,7 +162,8 @@ async def create_principal(pool: Pool, actor: Actor, hash_secret: HashSecret, na
 async def _insert_principal(conn: Connection, actor: Actor, name: str, service: bool, admin: bool,
                             groups: Sequence[str], password_hash: str | None) -> Record:
     try:
-        row = await conn.fetchrow(store.INSERT_PRINCIPAL, name, "service" if service else "user", admin, password_hash)
+        kind = "service" if service else "user"
+        row = await conn.fetchrow(admin_sql.INSERT_PRINCIPAL, name, kind, admin, password_hash)
     except asyncpg.UniqueViolationError:
         raise Conflict(f"a principal named {name!r} already exists", "name") from None
     except asyncpg.CheckViolationError:
@@ -171,10 +172,10 @@ async def _insert_principal(conn: Connection, actor: Actor, name: str, service: 
         ) from None
     assert row is not None  # INSERT ... RETURNING gives the new row
     for group in groups:
-        g = await conn.fetchrow(store.GROUP_BY_NAME, group)
+        g = await conn.fetchrow(admin_sql.GROUP_BY_NAME, group)
         if g is None:
             raise NotFound(f"no group named {group!r}; create it first", "groups")
-        await conn.execute(store.ADD_MEMBER, row["id"], g["id"])
+        await conn.execute(admin_sql.ADD_MEMBER, row["id"], g["id"])
     await store.write_audit(conn, actor, "principal.create", "principal", name, {
         "kind": row["kind"], "is_admin": admin, "groups": list(groups), "password_set": password_hash is not None})
     return row
@@ -183,11 +184,11 @@ async def _insert_principal(conn: Connection, actor: Actor, name: str, service: 
 async def set_disabled(pool: Pool, actor: Actor, name: str, disabled: bool) -> dict[str, Any]:
     async with pool.acquire() as conn, conn.transaction():
         row = await get_principal(conn, name)
-        updated = await conn.fetchrow(store.SET_PRINCIPAL_DISABLED, row["id"], disabled)
+        updated = await conn.fetchrow(admin_sql.SET_PRINCIPAL_DISABLED, row["id"], disabled)
         assert updated is not None  # principals are never deleted from the table, only marked deleted
         await store.write_audit(conn, actor, "principal.disable" if disabled else "principal.enable", "principal",
                                 name, {"disabled": {"before": row["disabled"], "after": disabled}})
-        groups = [r[0] for r in await conn.fetch(store.PRINCIPAL_GROUPS, row["id"])]
+        groups = [r[0] for r in await conn.fetch(admin_sql.PRINCIPAL_GROUPS, row["id"])]
     return public_principal(updated, groups)
 
 
@@ -196,7 +197,7 @@ async def delete_principal(pool: Pool, actor: Actor, name: str) -> list[str]:
     async with pool.acquire() as conn, conn.transaction():
         row = await get_principal(conn, name)
         revoked = [r[0] for r in await conn.fetch(store.REVOKE_OWNER_CREDENTIALS, row["id"])]
-        await conn.execute(store.MARK_PRINCIPAL_DELETED, row["id"])
+        await conn.execute(admin_sql.MARK_PRINCIPAL_DELETED, row["id"])
         await store.write_audit(conn, actor, "principal.delete", "principal", name, {"revoked_credentials": revoked})
     return revoked
 
@@ -211,7 +212,7 @@ async def reset_password(pool: Pool, actor: Actor, hash_secret: HashSecret, name
         row = await get_principal(conn, name)
         if row["kind"] != "user":
             raise LifecycleError("service accounts never log in with a password", "name")
-        await conn.execute(store.SET_PASSWORD_HASH, row["id"], password_hash)
+        await conn.execute(admin_sql.SET_PASSWORD_HASH, row["id"], password_hash)
         await store.write_audit(conn, actor, "principal.password", "principal", name, {"password_set": True})
     return password
 
@@ -222,7 +223,7 @@ async def reset_password(pool: Pool, actor: Actor, hash_secret: HashSecret, name
 async def create_group(pool: Pool, actor: Actor, name: str, description: str = "") -> dict[str, Any]:
     async with pool.acquire() as conn, conn.transaction():
         try:
-            row = await conn.fetchrow(store.INSERT_GROUP, name, description)
+            row = await conn.fetchrow(admin_sql.INSERT_GROUP, name, description)
         except asyncpg.UniqueViolationError:
             raise Conflict(f"a group named {name!r} already exists", "name") from None
         except asyncpg.CheckViolationError:
@@ -234,22 +235,23 @@ async def create_group(pool: Pool, actor: Actor, name: str, description: str = "
 
 async def delete_group(pool: Pool, actor: Actor, name: str) -> None:
     async with pool.acquire() as conn, conn.transaction():
-        group = await conn.fetchrow(store.GROUP_BY_NAME, name)
+        group = await conn.fetchrow(admin_sql.GROUP_BY_NAME, name)
         if group is None:
             raise NotFound(f"no group named {name!r}", "name")
-        members = await conn.fetch(store.GROUP_MEMBER_IDS, group["id"])
-        await conn.execute(store.DELETE_GROUP, group["id"])
+        members = await conn.fetch(admin_sql.GROUP_MEMBER_IDS, group["id"])
+        await conn.execute(admin_sql.DELETE_GROUP, group["id"])
         await store.write_audit(conn, actor, "group.delete", "group", name, {"members": len(members)})
 
 
 async def change_membership(pool: Pool, actor: Actor, group_name: str, principal_name: str, add: bool) -> bool:
     """Add or remove a member; returns whether anything changed."""
     async with pool.acquire() as conn, conn.transaction():
-        group = await conn.fetchrow(store.GROUP_BY_NAME, group_name)
+        group = await conn.fetchrow(admin_sql.GROUP_BY_NAME, group_name)
         if group is None:
             raise NotFound(f"no group named {group_name!r}", "group")
         principal = await get_principal(conn, principal_name)
-        changed = await conn.fetchval(store.ADD_MEMBER if add else store.REMOVE_MEMBER, principal["id"], group["id"])
+        statement = admin_sql.ADD_MEMBER if add else admin_sql.REMOVE_MEMBER
+        changed = await conn.fetchval(statement, principal["id"], group["id"])
         if changed is not None:
             await store.write_audit(conn, actor, "group.add_member" if add else "group.remove_member", "group",
                                     group_name, {"member": principal_name})

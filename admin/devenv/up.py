@@ -26,7 +26,7 @@ from admin.devenv.child_server import EmbeddedServerError, stop_all
 from admin.devenv.demo_upstream import start_demo_upstream
 from admin.devenv.postgres_server import EmbeddedPostgres
 from admin.devenv.redis_server import EmbeddedRedis
-from gateway.core import database, formats, store
+from gateway.core import admin_sql, database, formats, store
 from gateway.core.redaction import redact_url
 from gateway.core.settings import Settings, SettingsError, load_settings, parse_listen
 
@@ -110,9 +110,9 @@ async def _bootstrap(settings: Settings, data_dir: Path) -> tuple[str, str]:
             applied = await store.migrate(conn)
             if applied:
                 _say(f"migrated: {', '.join(applied)}")
-            have_admin = await conn.fetchrow(store.PRINCIPAL_BY_NAME, DEMO_ADMIN)
-            have_group = await conn.fetchrow(store.GROUP_BY_NAME, DEMO_GROUP)
-            have_service = await conn.fetchrow(store.PRINCIPAL_BY_NAME, DEMO_SERVICE)
+            have_admin = await conn.fetchrow(admin_sql.PRINCIPAL_BY_NAME, DEMO_ADMIN)
+            have_group = await conn.fetchrow(admin_sql.GROUP_BY_NAME, DEMO_GROUP)
+            have_service = await conn.fetchrow(admin_sql.PRINCIPAL_BY_NAME, DEMO_SERVICE)
         if have_group is None:
             await lifecycle.create_group(pool, actor, DEMO_GROUP, "demo permission group")
         if have_admin is None:

@@ -35,7 +35,7 @@ from admin.ui.credential_forms import (
 from admin.ui.web import form, redirect, render
 from admin.views.common import services
 from admin.views.credentials import MAX_GRACE_SECONDS, visible_credential
-from gateway.core import store
+from gateway.core import admin_sql, store
 from gateway.core.store import Pool, Record
 
 AUDIT_EVENTS_SHOWN = 50
@@ -220,7 +220,7 @@ async def _owners(pool: Pool) -> list[str]:
     after = 0
     async with pool.acquire() as conn:
         while True:
-            rows = await conn.fetch(store.LIST_PRINCIPALS, None, after, 500)
+            rows = await conn.fetch(admin_sql.LIST_PRINCIPALS, None, after, 500)
             names.extend(r["name"] for r in rows)
             if len(rows) < 500:
                 return sorted(names)

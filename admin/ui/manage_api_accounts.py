@@ -14,7 +14,7 @@ from admin.ui.credential_forms import secret_view, when
 from admin.ui.manage_forms import check_name, refusal
 from admin.ui.web import render, require_admin_page
 from admin.views.common import services
-from gateway.core import store
+from gateway.core import admin_sql
 
 # Lifecycle field names → this form's fields.
 FIELDS = {"groups": "group", "expires_at": "expires_in_days"}
@@ -31,7 +31,7 @@ async def new_page(request: web.Request) -> web.Response:
 async def _form(request: web.Request, values: dict[str, Any], errors: dict[str, str], status: int = 200
                 ) -> web.Response:
     async with services(request).pool.acquire() as conn:
-        groups = [r["name"] for r in await conn.fetch(store.LIST_GROUPS)]
+        groups = [r["name"] for r in await conn.fetch(admin_sql.LIST_GROUPS)]
     return render(request, "api_account_new.html", {
         "groups": groups, "policy": services(request).settings.policy, "values": values, "errors": errors},
         status=status)

@@ -15,7 +15,7 @@ from admin.ui.credential_forms import when
 from admin.ui.manage_forms import MAX_NAME_LENGTH, PAGE_SIZE, check_name, path, refusal
 from admin.ui.web import redirect, render, require_admin_page
 from admin.views.common import path_name, services, storable
-from gateway.core import store
+from gateway.core import admin_sql, store
 
 MAX_DESCRIPTION_LENGTH = 500  # as the JSON API allows
 # How many principal names the add-member field suggests (a datalist; any other name can still be typed).
@@ -31,7 +31,7 @@ async def _groups(request: web.Request, values: dict[str, str], errors: dict[str
                   ) -> web.Response:
     after = request.query.get("after", "")[:MAX_NAME_LENGTH]  # groups page by name, like the JSON API
     async with services(request).pool.acquire() as conn:
-        rows = await conn.fetch(store.LIST_GROUPS_PAGE, after, PAGE_SIZE + 1)
+        rows = await conn.fetch(admin_sql.LIST_GROUPS_PAGE, after, PAGE_SIZE + 1)
     groups = [_group(r) for r in rows[:PAGE_SIZE]]
     return render(request, "groups.html", {
         "groups": groups, "next_after": groups[-1]["name"] if len(rows) > PAGE_SIZE else None, "paged": bool(after),
@@ -64,10 +64,10 @@ async def create_group(request: web.Request) -> web.Response:
 async def _group_or_404(request: web.Request, name: str) -> tuple[dict[str, Any], list[str]]:
     """The group with its members, and principal names to suggest for adding."""
     async with services(request).pool.acquire() as conn:
-        row = await conn.fetchrow(store.GROUP_WITH_MEMBERS, name)
+        row = await conn.fetchrow(admin_sql.GROUP_WITH_MEMBERS, name)
         if row is None:
             raise ApiError(404, "not_found", f"There is no group named {name!r}.")
-        principals = await conn.fetch(store.LIST_PRINCIPALS, None, 0, SUGGESTED_MEMBERS)
+        principals = await conn.fetch(admin_sql.LIST_PRINCIPALS, None, 0, SUGGESTED_MEMBERS)
     group = _group(row)
     return group, [p["name"] for p in principals if p["name"] not in group["members"]]
 

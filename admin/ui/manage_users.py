@@ -18,7 +18,7 @@ from admin.views.common import path_name, services
 
 # The JSON API's rule that nobody disables, deletes or resets themselves: one home, reused here.
 from admin.views.users import not_yourself, reset_and_sign_out
-from gateway.core import store
+from gateway.core import admin_sql
 
 KINDS = {"user": "User", "service": "Service account"}
 
@@ -35,8 +35,8 @@ async def _users(request: web.Request, values: dict[str, Any], errors: dict[str,
     kind = kind if kind in KINDS else None
     cursor = cursor_of(request)
     async with services(request).pool.acquire() as conn:
-        rows = await conn.fetch(store.LIST_PRINCIPALS, kind, cursor or 0, PAGE_SIZE + 1)
-        groups = [r["name"] for r in await conn.fetch(store.LIST_GROUPS)]
+        rows = await conn.fetch(admin_sql.LIST_PRINCIPALS, kind, cursor or 0, PAGE_SIZE + 1)
+        groups = [r["name"] for r in await conn.fetch(admin_sql.LIST_GROUPS)]
     users = [_user_view(lifecycle.public_principal(r)) for r in rows[:PAGE_SIZE]]
     next_cursor = rows[PAGE_SIZE - 1]["id"] if len(rows) > PAGE_SIZE else None
     return render(request, "users.html", {
@@ -87,7 +87,7 @@ async def user_page(request: web.Request) -> web.Response:
     svc = services(request)
     async with svc.pool.acquire() as conn:
         row = await lifecycle.get_principal(conn, name)
-        groups = [r[0] for r in await conn.fetch(store.PRINCIPAL_GROUPS, row["id"])]
+        groups = [r[0] for r in await conn.fetch(admin_sql.PRINCIPAL_GROUPS, row["id"])]
         credentials, next_cursor = await lifecycle.list_credentials(conn, owner_id=row["id"], after_id=cursor or 0,
                                                                     limit=PAGE_SIZE)
     now = lifecycle.now_utc()

@@ -13,7 +13,7 @@ from admin.auth import actor_for, current
 from admin.errors import forbidden, json_response, no_content
 from admin.idempotency import IDEMPOTENCY_HEADER, check_key
 from admin.views.common import Fields, id_cursor, page, page_limit, query_fields, read_json, services
-from gateway.core import store
+from gateway.core import admin_sql, store
 from gateway.core.store import Connection, Record
 
 KINDS = ("token", "key")
@@ -52,7 +52,7 @@ async def list_credentials(request: web.Request) -> web.Response:
     async with services(request).pool.acquire() as conn:
         owner_id: int | None = None if identity.is_admin else identity.principal_id
         if owner is not None and identity.is_admin:
-            owner_row = await conn.fetchrow(store.PRINCIPAL_BY_NAME, owner)
+            owner_row = await conn.fetchrow(admin_sql.PRINCIPAL_BY_NAME, owner)
             if owner_row is None:
                 return json_response(page([], None))
             owner_id = owner_row["id"]

@@ -10,7 +10,7 @@ from admin import lifecycle
 from admin.auth import actor_for, current, require_admin
 from admin.errors import json_response, no_content, not_found
 from admin.views.common import Fields, page, page_limit, path_name, query_fields, read_json, services
-from gateway.core import store
+from gateway.core import admin_sql
 from gateway.core.store import Record
 
 
@@ -26,7 +26,7 @@ async def list_groups(request: web.Request) -> web.Response:
     after = query.query_text("cursor", 64) or ""  # groups page by name: the cursor is the last name shown
     query.done()
     async with services(request).pool.acquire() as conn:
-        rows = await conn.fetch(store.LIST_GROUPS_PAGE, after, limit + 1)
+        rows = await conn.fetch(admin_sql.LIST_GROUPS_PAGE, after, limit + 1)
     items = [public_group(r) for r in rows[:limit]]
     return json_response(page(items, rows[limit - 1]["name"] if len(rows) > limit else None))
 
@@ -40,7 +40,7 @@ async def create_group(request: web.Request) -> web.Response:
     assert name is not None
     created = await lifecycle.create_group(services(request).pool, actor_for(request), name, description)
     async with services(request).pool.acquire() as conn:
-        row = await conn.fetchrow(store.GROUP_WITH_MEMBERS, name)
+        row = await conn.fetchrow(admin_sql.GROUP_WITH_MEMBERS, name)
     return json_response(public_group(row) if row is not None else created, 201)
 
 
@@ -48,7 +48,7 @@ async def show_group(request: web.Request) -> web.Response:
     require_admin(current(request))
     name = path_name(request)
     async with services(request).pool.acquire() as conn:
-        row = await conn.fetchrow(store.GROUP_WITH_MEMBERS, name)
+        row = await conn.fetchrow(admin_sql.GROUP_WITH_MEMBERS, name)
     if row is None:
         raise not_found(f"no group named {name!r}", "name")
     return json_response(public_group(row))

@@ -10,16 +10,16 @@ from admin import auth, lifecycle
 from admin.auth import Identity, actor_for, current, source_address
 from admin.errors import ApiError, json_response, no_content
 from admin.views.common import Fields, read_json, services
-from gateway.core import store
+from gateway.core import admin_sql
 from gateway.core.store import Connection
 
 MAX_PASSWORD_LENGTH = 1024
 
 
 async def load_user(conn: Connection, principal_id: int) -> dict[str, Any]:
-    row = await conn.fetchrow(store.PRINCIPAL_BY_ID, principal_id)
+    row = await conn.fetchrow(admin_sql.PRINCIPAL_BY_ID, principal_id)
     assert row is not None  # principals are never deleted from the table, only marked deleted
-    groups = [r[0] for r in await conn.fetch(store.PRINCIPAL_GROUPS, principal_id)]
+    groups = [r[0] for r in await conn.fetch(admin_sql.PRINCIPAL_GROUPS, principal_id)]
     return lifecycle.public_principal(row, groups)
 
 

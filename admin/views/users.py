@@ -8,7 +8,7 @@ from admin import lifecycle
 from admin.auth import actor_for, current, require_admin
 from admin.errors import ApiError, json_response, no_content
 from admin.views.common import Fields, id_cursor, page, page_limit, path_name, query_fields, read_json, services
-from gateway.core import store
+from gateway.core import admin_sql
 
 
 async def list_users(request: web.Request) -> web.Response:
@@ -19,7 +19,7 @@ async def list_users(request: web.Request) -> web.Response:
     cursor = id_cursor(query)
     query.done()
     async with services(request).pool.acquire() as conn:
-        rows = await conn.fetch(store.LIST_PRINCIPALS, kind, cursor or 0, limit + 1)
+        rows = await conn.fetch(admin_sql.LIST_PRINCIPALS, kind, cursor or 0, limit + 1)
     items = [lifecycle.public_principal(r) for r in rows[:limit]]
     return json_response(page(items, rows[limit - 1]["id"] if len(rows) > limit else None))
 
@@ -51,7 +51,7 @@ async def show_user(request: web.Request) -> web.Response:
     require_admin(current(request))
     async with services(request).pool.acquire() as conn:
         row = await lifecycle.get_principal(conn, path_name(request))
-        groups = [r[0] for r in await conn.fetch(store.PRINCIPAL_GROUPS, row["id"])]
+        groups = [r[0] for r in await conn.fetch(admin_sql.PRINCIPAL_GROUPS, row["id"])]
     return json_response(lifecycle.public_principal(row, groups))
 
 
