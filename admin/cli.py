@@ -13,10 +13,13 @@ from typing import Any, Literal
 import asyncpg
 
 from admin import lifecycle
+from admin.credential_limits import KEEP, Change
 from gateway.core import admin_sql, database, store
 from gateway.core.settings import Settings, SettingsError, exit_on_error, load_settings
 
 Command = Callable[[argparse.Namespace, Settings], Awaitable[Any]]
+# A lifecycle error naming one of these fields is reported under the option that gave it.
+OPTIONS = {"rate_limit": "--rate-limit", "quota": "--quota"}
 
 
 def to_json(value: Any) -> str:
@@ -165,10 +168,40 @@ async def cmd_credentials_create(args: argparse.Namespace, settings: Settings) -
             kind=args.kind,
             name=args.name or "",
             expires_in_days=parse_expires(args.expires_in),
+            rate_limit=args.rate_limit,
+            quota=args.quota,
         )
     finally:
         await pool.close()
     return _issued(issued, "created")
+
+
+# `credentials update`'s options and their argparse destinations.
+UPDATE_OPTIONS = {"--name": "name", "--owner": "owner", "--expires-in": "expires_in", "--rate-limit": "rate_limit",
+                  "--quota": "quota"}
+
+
+async def cmd_credentials_update(args: argparse.Namespace, settings: Settings) -> Any:
+    """Only what is given changes; `--rate-limit none` / `--quota none` remove a limit."""
+    given = [flag for flag, value in UPDATE_OPTIONS.items() if getattr(args, value) is not None]
+    if not given:
+        raise CliError("nothing to change: give at least one of " + ", ".join(UPDATE_OPTIONS))
+    expires_in = parse_expires(args.expires_in)
+    pool = await open_pool(settings)
+    try:
+        updated = await lifecycle.update_credential(
+            pool, lifecycle.cli_actor(), settings.policy, args.id, name=args.name, owner=args.owner,
+            expires_in_days=expires_in, change_expiry=expires_in is not None,
+            rate_limit=_change(args.rate_limit), quota=_change(args.quota),
+        )
+    finally:
+        await pool.close()
+    limits = f"rate limit {updated['rate_limit'] or 'none'}, quota {updated['quota'] or 'none'}"
+    return {**updated, "message": f"updated {updated['id']} ({', '.join(given)}); {limits}"}
+
+
+def _change(value: str | None) -> Change:
+    return KEEP if value is None else value
 
 
 def _issued(issued: lifecycle.IssuedSecret, verb: str) -> dict[str, Any]:
@@ -318,7 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("token", "key"), required=True)
     p.add_argument("--name", help="a label")
     p.add_argument("--expires-in", metavar="DAYS|never", help="lifetime in days (default: policy, 90)")
+    _limit_options(p, "")
     p.set_defaults(run=cmd_credentials_create)
+    p = creds.add_parser("update", parents=[common], help="change what is given; the gateways see it at once")
+    p.add_argument("id")
+    p.add_argument("--name", help="a new label")
+    p.add_argument("--owner", help="hand it to another user or service account")
+    p.add_argument("--expires-in", metavar="DAYS|never", help="a new lifetime in days from now")
+    _limit_options(p, "|none")
+    p.set_defaults(run=cmd_credentials_update)
     p = creds.add_parser("list", parents=[common])
     p.add_argument("--owner")
     p.add_argument("--status", choices=("valid", "expired", "suspended", "revoked"))
@@ -333,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=int, default=0, metavar="SECONDS", help="old secret keeps working this long")
     p.set_defaults(run=cmd_credentials_rotate)
     return parser
+
+
+def _limit_options(parser: argparse.ArgumentParser, clear: str) -> None:
+    parser.add_argument("--rate-limit", metavar=f"N/second|minute|hour{clear}",
+                        help="requests per second, minute or hour, e.g. 100/minute (default: no limit)")
+    parser.add_argument("--quota", metavar=f"N/day|month{clear}",
+                        help="requests per calendar day or month (UTC), e.g. 100000/month (default: no quota)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -358,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         result = asyncio.run(args.run(args, settings))
     except lifecycle.LifecycleError as exc:
-        _fail(args.json, exc.code, exc.message)
+        option = OPTIONS.get(exc.field or "")
+        _fail(args.json, exc.code, f"{option}: {exc.message}" if option else exc.message)
     except CliError as exc:
         _fail(args.json, "error", str(exc))
     except asyncpg.UndefinedTableError:

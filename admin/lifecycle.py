@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from admin.credential_limits import KEEP, Change, Limits, resolve_limits
 from gateway.core import admin_sql, formats, hashing, store
 from gateway.core.settings import Argon2Settings, PolicySettings
 from gateway.core.store import Actor, Connection, Pool, Record
@@ -300,6 +301,7 @@ def public_credential(row: Record, now: datetime | None = None) -> dict[str, Any
         "rotated_at": row["rotated_at"],
         "previous_secret_expires_at": grace_end if grace_end and grace_end > now else None,
         "status": store.credential_status(row, now),
+        "rate_limit": row["rate_limit"], "quota": row["quota"],  # canonical text or None
     }
     if row["kind"] == "key":
         data["client_id"] = formats.client_id_for(row["public_id"])
@@ -328,26 +330,28 @@ def _new_secret(kind: str, public_id: str) -> tuple[str, dict[str, str]]:
 
 async def create_credential(pool: Pool, actor: Actor, hash_secret: HashSecret, policy: PolicySettings, *, owner: str,
                             kind: str, name: str = "", expires_in_days: int | Literal["never"] | None = None,
-                            expires_at: datetime | None = None) -> IssuedSecret:
+                            expires_at: datetime | None = None, rate_limit: str | None = None,
+                            quota: str | None = None) -> IssuedSecret:
     if kind not in ("token", "key"):
         raise LifecycleError('kind must be "token" or "key"', "kind")
     _check_credential_name(name)
     expiry = resolve_expiry(policy, expires_in_days=expires_in_days, expires_at=expires_at)
+    limits = resolve_limits(rate_limit, quota, refuse=LifecycleError)
     public_id = formats.new_public_id()
     secret, shown = _new_secret(kind, public_id)
     secret_hash = await hash_secret(secret)
     async with pool.acquire() as conn, conn.transaction():
-        row = await _insert_credential(conn, actor, owner, kind, name, expiry, public_id, secret_hash)
+        row = await _insert_credential(conn, actor, owner, kind, name, expiry, public_id, secret_hash, limits)
     return IssuedSecret(public_credential(row), **shown)
 
 
 async def _insert_credential(conn: Connection, actor: Actor, owner: str, kind: str, name: str,
-                             expiry: datetime | None, public_id: str, secret_hash: str) -> Record:
+                             expiry: datetime | None, public_id: str, secret_hash: str, limits: Limits) -> Record:
     owner_row = await get_principal(conn, owner)
     await conn.execute(store.INSERT_CREDENTIAL, public_id, kind, secret_hash, name, owner_row["id"],
-                       actor.principal_id, actor.label, expiry)
+                       actor.principal_id, actor.label, expiry, *limits.values())
     await store.write_audit(conn, actor, "credential.create", "credential", public_id,
-                            {"kind": kind, "name": name, "owner": owner, "expires_at": expiry})
+                            {"kind": kind, "name": name, "owner": owner, "expires_at": expiry, **limits})
     return await get_credential(conn, public_id)
 
 
@@ -364,7 +368,7 @@ async def create_api_account(pool: Pool, actor: Actor, hash_secret: HashSecret, 
     async with pool.acquire() as conn, conn.transaction():
         await _insert_principal(conn, actor, name, True, False, [group], None)
         row = await _insert_credential(conn, actor, name, "key", credential_name or name, expiry, public_id,
-                                       secret_hash)
+                                       secret_hash, resolve_limits(None, None))
     return IssuedSecret(public_credential(row), **shown)
 
 
@@ -403,7 +407,8 @@ async def revoke_credential(pool: Pool, actor: Actor, public_id: str) -> dict[st
 async def update_credential(pool: Pool, actor: Actor, policy: PolicySettings, public_id: str, *,
                             name: str | None = None, owner: str | None = None,
                             expires_in_days: int | Literal["never"] | None = None, expires_at: datetime | None = None,
-                            change_expiry: bool = False) -> dict[str, Any]:
+                            change_expiry: bool = False, rate_limit: Change = KEEP,
+                            quota: Change = KEEP) -> dict[str, Any]:
     async with pool.acquire() as conn, conn.transaction():
         row = await get_credential(conn, public_id)
         if row["revoked_at"] is not None:
@@ -417,13 +422,15 @@ async def update_credential(pool: Pool, actor: Actor, policy: PolicySettings, pu
         if owner is not None:
             owner_row = await get_principal(conn, owner)
             owner_id, owner_name = owner_row["id"], owner_row["name"]
-        await conn.execute(store.UPDATE_CREDENTIAL, public_id, new_name, new_expiry, owner_id)
+        limits = resolve_limits(rate_limit, quota, row, refuse=LifecycleError)
+        await conn.execute(store.UPDATE_CREDENTIAL, public_id, new_name, new_expiry, owner_id, *limits.values())
         changes = {
             k: {"before": before, "after": after}
             for k, before, after in (
                 ("name", row["name"], new_name),
                 ("expires_at", row["expires_at"], new_expiry),
                 ("owner", row["owner_name"], owner_name),
+                *((field, row[field], value) for field, value in limits.items()),
             )
             if before != after
         }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from gateway.core.rate_policy import QUOTA_PATTERN, RATE_PATTERN
+
 Schema = dict[str, Any]
 
 PRINCIPAL_NAME = "^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
@@ -48,9 +50,22 @@ CREDENTIAL: dict[str, Schema] = {
     "last_used_at": nullable(TIME), "rotated_at": nullable(TIME),
     "previous_secret_expires_at": nullable({**TIME, "description": "the old secret works until then"}),
     "status": {"enum": ["valid", "expired", "suspended", "revoked"]},
+    "rate_limit": nullable({"type": "string", "pattern": RATE_PATTERN,
+                            "description": "requests per second, minute or hour; null: no rate limit"}),
+    "quota": nullable({"type": "string", "pattern": QUOTA_PATTERN,
+                       "description": "requests per calendar day or month (UTC); null: no quota"}),
     "client_id": {"type": "string", "description": "key pairs only: the access key / Basic user name"},
 }
 CREDENTIAL_REQUIRED = tuple(k for k in CREDENTIAL if k != "client_id")
+# Requests may also send "none" (like null: no limit); the admin role is needed to change either.
+LIMITS: dict[str, Schema] = {
+    "rate_limit": {"anyOf": [{"type": "string", "pattern": RATE_PATTERN}, {"const": "none"}, {"type": "null"}],
+                   "description": "N/second, N/minute or N/hour, e.g. 100/minute; null or \"none\": no rate limit "
+                                  "(admins only)", "examples": ["100/minute"]},
+    "quota": {"anyOf": [{"type": "string", "pattern": QUOTA_PATTERN}, {"const": "none"}, {"type": "null"}],
+              "description": "N/day or N/month, e.g. 100000/month; null or \"none\": no quota (admins only)",
+              "examples": ["100000/month"]},
+}
 EXPIRY_DAYS: Schema = {"oneOf": [{"type": "integer", "minimum": 1}, {"const": "never"}],
                "description": "lifetime in days, or \"never\" when the policy allows it"}
 
@@ -84,10 +99,10 @@ SCHEMAS: dict[str, Schema] = {
     "CredentialCreate": obj({"kind": {"enum": ["token", "key"]}, "name": {"type": "string", "maxLength": 200},
                              "owner": {"type": "string", "maxLength": 128,
                                        "description": "admins only; default: the caller"},
-                             "expires_at": TIME, "expires_in_days": EXPIRY_DAYS}, ("kind",)),
+                             "expires_at": TIME, "expires_in_days": EXPIRY_DAYS, **LIMITS}, ("kind",)),
     "CredentialUpdate": obj({"name": {"type": "string", "maxLength": 200},
                              "owner": {"type": "string", "maxLength": 128, "description": "admins only"},
-                             "expires_at": TIME, "expires_in_days": EXPIRY_DAYS}, ()),
+                             "expires_at": TIME, "expires_in_days": EXPIRY_DAYS, **LIMITS}, ()),
     "Rotate": obj({"grace_seconds": {"type": "integer", "minimum": 0, "maximum": 604800, "default": 0,
                                      "description": "how long the old secret keeps working"}}, ()),
     "Usage": obj({"id": STRING, "last_used_at": nullable(TIME), "since": {"type": "string", "format": "date"},
@@ -257,7 +272,8 @@ def _operations() -> dict[str, Any]:
             "parameters": [CRED_ID],
             "get": operation("Show a credential", {"200": ok(200, "The credential", "Credential")}, (404,),
                              tag="credentials"),
-            "patch": operation("Rename, change expiry or (admins) owner", {"200": ok(200, "Updated", "Credential")},
+            "patch": operation("Rename, change expiry or (admins) owner, rate limit and quota",
+                               {"200": ok(200, "Updated", "Credential")},
                                (403, 404, 409), body="CredentialUpdate", tag="credentials"),
             "delete": operation("Revoke (irreversible; stays listed as revoked)", {"204": ok(204, "Revoked")},
                                 (403, 404), tag="credentials"),

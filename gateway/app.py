@@ -23,6 +23,7 @@ from gateway.extract import PresentedAccessToken, Refusal, extract
 from gateway.grants import AccessTokenVerifier, Grant
 from gateway.headers import HeaderPolicy, ScannedHeaders, identity_block, is_websocket_upgrade, scan_request_headers
 from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import Bucket, Limited, RateLimiter
 from gateway.request_head import upstream_request_head
 from gateway.routes import RouteTable, upstream_path
 from gateway.usage import UsageRecorder
@@ -65,6 +66,7 @@ class Gateway:
         *,
         tokens: AccessTokenVerifier | None = None,
         own: dict[bytes, OwnEndpoint] | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
@@ -87,6 +89,7 @@ class Gateway:
         self.scope_header = names.scope
         self.own: dict[bytes, OwnEndpoint] = own if own is not None else {}  # the gateway's own endpoints
         self.tokens = tokens  # OAuth2 access tokens are accepted when set (gateway.oauth issues them)
+        self.limiter = limiter  # rate limits and quotas; None: nothing is limited
         # Tests tell workers apart by this header; off unless CREDGATE_DEBUG_WORKER_HEADER is set.
         self.worker_id = str(os.getpid()).encode() if os.environ.get("CREDGATE_DEBUG_WORKER_HEADER") else b""
 
@@ -113,6 +116,10 @@ class Gateway:
             # h2c and other protocol switches are never tunnelled (request smuggling via h2c)
             return self.refuse(note, "bad_request", 400, "invalid_request", "protocol upgrade not supported")
         if not route.auth_required:
+            if route.rate_limit is not None and self.limiter is not None:
+                buckets = self.limiter.for_address(route, ex.client_ip)
+                if buckets is not None:
+                    return self.limited(ex, route, scanned, note, b"", None, buckets)
             return self.forward(ex, route, scanned, note, b"")
         found = extract(scanned.authorization, scanned.access_key, scanned.secret_key, self.tokens is not None)
         if isinstance(found, Refusal):
@@ -131,11 +138,12 @@ class Gateway:
     async def _decide_later(
         self, ex: Exchange, route: Route, scanned: ScannedHeaders, note: Note, pending: Awaitable[Verdict], method: str
     ) -> Respond | Forward:
-        return self.decide(ex, route, scanned, note, await pending, method)
+        decided = self.decide(ex, route, scanned, note, await pending, method)
+        return decided if isinstance(decided, Respond | Forward) else await decided
 
     def decide(
         self, ex: Exchange, route: Route, scanned: ScannedHeaders, note: Note, verdict: Verdict, method: str
-    ) -> Respond | Forward:
+    ) -> Respond | Forward | Awaitable[Respond | Forward]:
         entry = verdict.entry
         if entry is not None:
             note.credential, note.credential_id = entry.public_id, entry.credential_id
@@ -154,7 +162,12 @@ class Gateway:
                     "the caller is not in a group this route requires",
                     challenge(b"insufficient_scope", None, " ".join(sorted(route.groups)).encode()),
                 )
-            return self.forward(ex, route, scanned, note, self.identity(entry, method, scope), entry)
+            identity = self.identity(entry, method, scope)
+            if self.limiter is not None:
+                buckets = self.limiter.for_credential(route, entry, ex.client_ip)
+                if buckets is not None:
+                    return self.limited(ex, route, scanned, note, identity, entry, buckets)
+            return self.forward(ex, route, scanned, note, identity, entry)
         if outcome == "invalid":
             return self.invalid(note, method, "the credential is invalid")
         if outcome == "token_expired":
@@ -181,6 +194,49 @@ class Gateway:
             retry_after=verdict.retry_after,
         )
 
+    def limited(
+        self,
+        ex: Exchange,
+        route: Route,
+        scanned: ScannedHeaders,
+        note: Note,
+        identity: bytes,
+        entry: CachedCredential | None,
+        buckets: tuple[Bucket, ...],
+    ) -> Respond | Forward | Awaitable[Respond | Forward]:
+        """Forward within the limits, with the RateLimit fields on the response; 429 over them."""
+        assert self.limiter is not None
+        decision = self.limiter.check(route.name, buckets)
+        if isinstance(decision, bytes):
+            return self.forward(ex, route, scanned, note, identity, entry, decision)
+        if isinstance(decision, Limited):
+            return self.rate_limited(note, decision)
+        return self._limited_later(ex, route, scanned, note, identity, entry, decision)
+
+    async def _limited_later(
+        self,
+        ex: Exchange,
+        route: Route,
+        scanned: ScannedHeaders,
+        note: Note,
+        identity: bytes,
+        entry: CachedCredential | None,
+        pending: Awaitable[bytes | Limited],
+    ) -> Respond | Forward:
+        decision = await pending
+        if isinstance(decision, Limited):
+            return self.rate_limited(note, decision)
+        return self.forward(ex, route, scanned, note, identity, entry, decision)
+
+    def rate_limited(self, note: Note, limited: Limited) -> Respond:
+        outcome = "quota_exceeded" if limited.error == "quota_exceeded" else "rate_limited"
+        respond = self.refuse(note, outcome, 429, limited.error, limited.description, retry_after=limited.retry_after)
+        respond.headers += [(b"RateLimit-Policy", limited.policy), (b"RateLimit", limited.state)]
+        if limited.reset is not None:
+            body = {"error": limited.error, "error_description": limited.description, "reset": rfc3339(limited.reset)}
+            respond.body = json.dumps(body, separators=(",", ":")).encode()
+        return respond
+
     def forward(
         self,
         ex: Exchange,
@@ -189,6 +245,7 @@ class Gateway:
         note: Note,
         identity: bytes,
         entry: CachedCredential | None = None,
+        limit_fields: bytes = b"",
     ) -> Forward:
         note.outcome = "ok" if identity else "none"
         websocket = scanned.upgrade is not None
@@ -205,7 +262,7 @@ class Gateway:
             host_override=host,
             websocket=websocket,
         )
-        extra = b"X-Request-Id: " + note.request_id + b"\r\n"
+        extra = b"X-Request-Id: " + note.request_id + b"\r\n" + limit_fields
         if self.worker_id:
             extra += b"X-Credgate-Worker: " + self.worker_id + b"\r\n"
         if entry is not None and entry.expires_at is not None and entry.expires_at - time.time() < self.warn_seconds:

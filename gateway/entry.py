@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from gateway.core.rate_policy import CredentialLimits, credential_limits
 from gateway.core.store import AuthRecord
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class CachedCredential:
     fetched: float  # time.monotonic() when confirmed against Redis or the store; -inf once marked stale
     stored_at: float  # epoch seconds of the last read from the store (travels through Redis)
     seq: int  # the change sequence that read saw (migration 004; travels through Redis)
+    limits: CredentialLimits | None = None  # its rate limit and quota (migration 005), shared instances
     digests: list[tuple[bytes, str]] = field(default_factory=list)  # (digest, fingerprint of hash verified)
     # Hashes kept in process memory only (never in Redis), so a new secret needs no extra query.
     secret_hash: str = ""
@@ -103,6 +105,7 @@ class CachedCredential:
             seq=rec.change_seq,
             secret_hash=rec.secret_hash,
             previous_hash=rec.previous_secret_hash or "",
+            limits=credential_limits(rec.rate_limit, rec.quota),
         )
 
     def to_redis(self) -> str:
@@ -123,6 +126,8 @@ class CachedCredential:
                 "pu": self.previous_until,
                 "sa": self.stored_at,
                 "sq": self.seq,
+                "rl": None if self.limits is None or self.limits.rate is None else str(self.limits.rate),
+                "q": None if self.limits is None or self.limits.quota is None else str(self.limits.quota),
             },
             separators=(",", ":"),
         )
@@ -148,6 +153,7 @@ class CachedCredential:
             fetched=fetched,
             stored_at=float(d["sa"]),
             seq=int(d.get("sq", -1)),  # written by an older version: re-validated after any change
+            limits=credential_limits(d.get("rl"), d.get("q")),
         )
 
 

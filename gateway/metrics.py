@@ -29,7 +29,11 @@ OUTCOMES = (
     "throttled",
     "unavailable",
     "bad_request",  # malformed path, conflicting credentials, refused protocol upgrade
+    "rate_limited",
+    "quota_exceeded",
 )
+# credgate_ratelimit_decisions_total{result}: "degraded" is any decision taken without Redis (on_redis_down).
+RATELIMIT_RESULTS = ("allowed", "limited", "quota_exceeded", "degraded")
 # "none": no response status was sent (the client went away or the connection broke first).
 STATUS_CLASSES = {0: "none", 1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 CACHE_TIERS = ("memory", "redis", "store")
@@ -117,7 +121,27 @@ class GatewayMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.ratelimit_decisions = Counter(
+            "credgate_ratelimit_decisions",
+            "Rate-limit and quota decisions by route and result",
+            ["route", "result"],
+            registry=registry,
+        )
+        self.ratelimit_shared = Gauge(
+            "credgate_ratelimit_shared",
+            "Rate limits counted in Redis (1) or decided by ratelimit.on_redis_down (0)",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.ratelimit_saturated = Gauge(
+            "credgate_ratelimit_saturated_credentials",
+            "Credentials refused by a rate limit or quota on most of their requests in the last minute",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self._bound_requests: dict[tuple[str, str, int, str], Counter] = {}
+        self._bound_ratelimit: dict[tuple[str, str], Counter] = {}
+        self._pending_ratelimit: dict[tuple[str, str], int] = {}
         self._bound_route: dict[str, tuple[Histogram, Histogram]] = {}
         # Bound up front: every series exists (at 0) from the first scrape, so rate() and ratios work at once.
         self._bound_cache = {
@@ -172,6 +196,8 @@ class GatewayMetrics:
                     )
                 _add_observations(pair[0], p.total_counts, p.total_sum)
                 _add_observations(pair[1], p.upstream_counts, p.upstream_sum)
+        if self._pending_ratelimit:
+            self._flush_ratelimit()
         if self._pending_cache:
             cache, self._pending_cache = self._pending_cache, {}
             for pair_key, n in cache.items():
@@ -179,6 +205,18 @@ class GatewayMetrics:
                 if cache_child is None:
                     cache_child = self._bound_cache[pair_key] = self.cache_lookups.labels(*pair_key)
                 cache_child.inc(n)
+
+    def ratelimit_decision(self, route: str, result: str) -> None:
+        key = (route, result)
+        self._pending_ratelimit[key] = self._pending_ratelimit.get(key, 0) + 1
+
+    def _flush_ratelimit(self) -> None:
+        pending, self._pending_ratelimit = self._pending_ratelimit, {}
+        for key, n in pending.items():
+            child = self._bound_ratelimit.get(key)
+            if child is None:
+                child = self._bound_ratelimit[key] = self.ratelimit_decisions.labels(*key)
+            child.inc(n)
 
     def upstream_error(self, kind: str | None) -> None:
         """Count an upstream failure; None and client-side kinds (client_abort, ...) are ignored."""

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from gateway.core.errors import REDIS_ERRORS
+from gateway.core.redis_client import redis_client
 from gateway.entry import CachedCredential
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,20 @@ def verifying_key(public_id: str, digest: bytes) -> str:
     return f"{REDIS_PREFIX}verifying:{public_id}:{digest.hex()[:32]}"
 
 
+def rate_key(subject: str, unit: str) -> str:
+    """A GCRA state (theoretical arrival time) for a subject such as "c:<credential id>" and a window unit."""
+    return f"{REDIS_PREFIX}rate:{subject}:{unit}"
+
+
+def quota_key(credential_id: int, period: str) -> str:
+    """The requests granted to a credential in one quota period (e.g. "m202612")."""
+    return f"{REDIS_PREFIX}quota:{credential_id}:{period}"
+
+
+# Every process counting rate limits, scored by its last heartbeat: "local" mode enforces 1/n of a limit.
+RATE_MEMBERS_KEY = f"{REDIS_PREFIX}rate:members"
+
+
 
 # Redis connections per process; far more than one process keeps busy (each call takes well under 1 ms).
 _MAX_CONNECTIONS = 64
@@ -72,10 +87,8 @@ class RedisTier:
         if url:
             # A burst of requests waits (up to the deadline) for one of a bounded set of connections: an
             # unbounded pool would open a connection per concurrent request, a non-blocking one fails them.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url, max_connections=_MAX_CONNECTIONS, timeout=timeout, socket_timeout=timeout,
-                socket_connect_timeout=timeout, health_check_interval=0)
-            self.client = aioredis.Redis.from_pool(pool)
+            # A redis+sentinel:// URL gives a client that follows the master the Sentinels name.
+            self.client = redis_client(url, max_connections=_MAX_CONNECTIONS, timeout=timeout)
         self.ttl_ms = int(ttl * 1000)
         self.negative_ms = max(1, int(negative_ttl * 1000))
         self.up = self.client is not None

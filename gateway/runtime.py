@@ -33,6 +33,7 @@ from gateway.memory import MemoryCache
 from gateway.metrics import GatewayMetrics
 from gateway.oauth import OAuthEndpoints
 from gateway.proxy import ProxyServer, start_server
+from gateway.ratelimit import RateLimiter
 from gateway.redis_tier import RedisTier
 from gateway.throttle import FailureThrottle
 from gateway.tokens import SigningKeys
@@ -104,7 +105,16 @@ async def running_worker(settings: Settings, registry: CollectorRegistry | None 
         )
         usage = await stack.enter_async_context(UsageRecorder(pool, g.usage_flush_seconds).running())
         access_log = await stack.enter_async_context(AccessLog(g.access_log).running())
-        gateway = Gateway(s, policy, auth, metrics, usage, access_log, tokens=verifier)
+        limiter = RateLimiter(
+            redis_tier.client, pool, on_redis_down=s.ratelimit.on_redis_down, processes=g.workers,
+            redis_timeout=s.cache.redis_timeout, store_timeout=s.cache.store_timeout,
+            count=metrics.ratelimit_decision, shared=lambda up: metrics.ratelimit_shared.set(1 if up else 0),
+            saturated=metrics.ratelimit_saturated.set,
+        )
+        metrics.ratelimit_shared.set(1 if redis_tier.client is not None else 0)
+        # always running: credentials get limits through the admin API at any time
+        await stack.enter_async_context(limiter.running())
+        gateway = Gateway(s, policy, auth, metrics, usage, access_log, tokens=verifier, limiter=limiter)
         probe = StoreProbe()
         gateway.own[b"/_credgate/health"] = _health
         gateway.own[b"/_credgate/ready"] = lambda ex: _ready(probe)

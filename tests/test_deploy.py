@@ -157,6 +157,14 @@ ALERT_CASES: list[tuple[str, list[dict[str, str]], list[dict[str, Any]]]] = [
     ("nothing expiring", [
         series("credgate_admin_credentials_expiring", ADMIN + ',within_days="7"', "0x120"),
     ], [fires("CredgateCredentialsExpiringWithin7Days", "90m", None)]),
+    ("rate limits decided without redis", [
+        series("credgate_ratelimit_shared", GW, "0x10"),
+        series("credgate_redis_configured", GW, "1x10"),
+    ], [fires("CredgateRateLimitsDegraded", "1m", None),
+        fires("CredgateRateLimitsDegraded", "5m", {**GW_LABELS, "severity": "warning"})]),
+    ("a credential limited most of the time", [series("credgate_ratelimit_saturated_credentials", GW, "1x30")], [
+        fires("CredgateCredentialRateLimitedMostOfTheTime", "10m", None),
+        fires("CredgateCredentialRateLimitedMostOfTheTime", "20m", {"job": "credgate-gateway", "severity": "info"})]),
     ("gateway not scraped", [series("up", GW, "0x10")], [
         fires("CredgateGatewayDown", "5m", {**GW_LABELS, "severity": "critical"})]),
 ]
@@ -212,7 +220,7 @@ def test_dashboard_is_grafana_shaped() -> None:
         assert all(t["expr"].strip() for t in panel["targets"]), where
     titles = " ".join(p["title"].lower() for p in graphs)
     for topic in ("requests", "auth outcomes", "latency", "cache hit ratio", "argon2", "upstream errors",
-                  "invalidations", "expiring"):
+                  "invalidations", "expiring", "rate-limit decisions"):
         assert topic in titles, f"the dashboard has no {topic} panel"
 
 
@@ -299,7 +307,8 @@ def admin_metric_samples() -> dict[str, set[str]]:
 @pytest.mark.slow
 async def test_every_metric_used_exists_in_a_live_scrape(env: dict[str, str], upstream: Upstream,
                                                         tmp_path: Path) -> None:
-    config = write_config(tmp_path / "gw.toml", [{"prefix": "/api", "name": "api", "upstream": upstream.url}])
+    config = write_config(tmp_path / "gw.toml",
+                          [{"prefix": "/api", "name": "api", "upstream": upstream.url, "rate_limit": "1000/minute"}])
     await cli(env, "users", "create", "svc", "--service")
     token = json.loads(await cli(env, "credentials", "create", "--owner", "svc", "--kind", "token"))["token"]
     async with running_gateway(env, config, tmp_path, workers=2) as gw, aiohttp.ClientSession() as s:

@@ -99,3 +99,10 @@ async def start_demo_upstream(host: str = "127.0.0.1", port: int = 0) -> DemoUps
         raise
     bound_port: int = runner.addresses[0][1]
     return DemoUpstream(runner=runner, host=host, port=bound_port)
+
+
+if __name__ == "__main__":  # `python -m admin.devenv.demo_upstream`: the demo upstream alone (compose, Kubernetes)
+    import os
+
+    web.run_app(create_demo_app(), host=os.environ.get("DEMO_UPSTREAM_HOST", "0.0.0.0"),
+                port=int(os.environ.get("DEMO_UPSTREAM_PORT", "9000")))

@@ -9,6 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlencode
 
+from admin.credential_limits import LimitError, LimitField, canonical
 from gateway.core import formats
 from gateway.core.settings import PolicySettings
 
@@ -25,7 +26,9 @@ STATUS_FILTERS = {"": ("valid", "expires-soon", "expired", "suspended"), "all": 
 GRACE_CHOICES = {"now": ("Now", 0), "1h": ("After 1 hour", 3600), "24h": ("After 24 hours", 86400)}
 # The lifecycle's field names → the form field an error is shown next to.
 FORM_FIELDS = {"expires_at": ("expires", "Expires"), "expires_in_days": ("expires", "Expires"),
-               "name": ("name", "Name"), "kind": ("kind", "Kind"), "owner": ("owner", "Owner")}
+               "name": ("name", "Name"), "kind": ("kind", "Kind"), "owner": ("owner", "Owner"),
+               "rate_limit": ("rate_limit", "Rate limit"), "quota": ("quota", "Quota")}
+LIMIT_FIELDS: tuple[LimitField, ...] = ("rate_limit", "quota")
 
 
 def status_code(credential: Mapping[str, Any], now: datetime, warning_days: int) -> str:
@@ -69,6 +72,8 @@ def credential_view(credential: Mapping[str, Any], now: datetime, warning_days: 
         "status_code": code,
         "status": STATUS_LABELS.get(code, code.title()),
         "revoked": code == "revoked",
+        "rate_limit": credential.get("rate_limit") or "None",
+        "quota": credential.get("quota") or "None",
     }
 
 
@@ -191,6 +196,18 @@ def expiry_changed(expiry: Expiry, current: datetime | None) -> bool:
     if expiry == "never" or current is None:
         return expiry != "never" or current is not None
     return expiry.date() != current.astimezone(UTC).date()
+
+
+def parse_limits(fields: Mapping[str, str]) -> tuple[dict[LimitField, str | None], dict[str, str]]:
+    """`Rate limit` and `Quota` (empty: no limit) → the canonical values, and a message per field refused."""
+    values: dict[LimitField, str | None] = {}
+    errors: dict[str, str] = {}
+    for field in LIMIT_FIELDS:
+        try:
+            values[field] = canonical(fields.get(field, ""), field)
+        except LimitError as exc:
+            errors.update(field_errors(field, exc.message))
+    return values, errors
 
 
 def field_errors(field: str | None, message: str) -> dict[str, str]:

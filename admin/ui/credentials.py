@@ -15,10 +15,12 @@ from aiohttp import web
 
 from admin import lifecycle
 from admin.auth import actor_for, current
+from admin.credential_limits import KEEP
 from admin.ui.credential_forms import (
     CHART_DAYS,
     GRACE_CHOICES,
     KIND_LABELS,
+    LIMIT_FIELDS,
     PAGE_SIZE,
     STATUS_LABELS,
     ExpiryBounds,
@@ -28,6 +30,7 @@ from admin.ui.credential_forms import (
     field_errors,
     page_links,
     parse_expiry,
+    parse_limits,
     secret_view,
     usage_chart,
     when,
@@ -109,7 +112,8 @@ def _event_view(event: Record) -> dict[str, Any]:
 async def new_page(request: web.Request) -> web.Response:
     identity = current(request)
     bounds = ExpiryBounds.of(services(request).settings.policy, lifecycle.now_utc())
-    values = {"name": "", "kind": "token", "expires": bounds.default.isoformat(), "never": "", "owner": identity.name}
+    values = {"name": "", "kind": "token", "expires": bounds.default.isoformat(), "never": "", "owner": identity.name,
+              "rate_limit": "", "quota": ""}
     return await _form_page(request, "create", values, {})
 
 
@@ -130,13 +134,16 @@ async def create(request: web.Request) -> web.Response:
     expiry, problem = parse_expiry(fields, lifecycle.now_utc())
     if problem:
         errors["expires"] = problem
+    limits, limit_errors = parse_limits(fields) if identity.is_admin else ({}, {})  # only admins set limits
+    errors.update(limit_errors)
     if errors:
         return await _form_page(request, "create", values, errors, status=400)
     try:
         issued = await lifecycle.create_credential(
             svc.pool, actor_for(request), svc.hash_secret, svc.settings.policy, owner=owner, kind=values["kind"],
             name=values["name"], expires_in_days="never" if expiry == "never" else None,
-            expires_at=None if expiry == "never" else expiry)
+            expires_at=None if expiry == "never" else expiry, rate_limit=limits.get("rate_limit"),
+            quota=limits.get("quota"))
     except lifecycle.LifecycleError as exc:
         return await _form_page(request, "create", values, field_errors(exc.field, exc.message), status=400)
     return _secret_page(request, issued, "created", status=201)
@@ -157,12 +164,14 @@ async def edit_page(request: web.Request) -> web.Response:
     row = await _changeable(request)
     expires = row["expires_at"]
     values = {"name": row["name"], "kind": row["kind"], "owner": row["owner_name"],
-              "expires": expires.date().isoformat() if expires else "", "never": "" if expires else "on"}
+              "expires": expires.date().isoformat() if expires else "", "never": "" if expires else "on",
+              "rate_limit": row["rate_limit"] or "", "quota": row["quota"] or ""}
     return await _form_page(request, "edit", values, {}, row=row)
 
 
 async def edit(request: web.Request) -> web.StreamResponse:
-    """Name, expiry (only when its date or `Never` changed) and, for administrators, the owner."""
+    """Name, expiry (only when its date or `Never` changed) and, for administrators, the owner, rate limit and
+    quota (an empty field removes that limit)."""
     identity = current(request)
     svc = services(request)
     row = await _changeable(request)
@@ -177,15 +186,20 @@ async def edit(request: web.Request) -> web.StreamResponse:
     expiry, problem = parse_expiry(fields, lifecycle.now_utc())
     if problem:
         errors["expires"] = problem
+    limits, limit_errors = parse_limits(fields) if identity.is_admin else ({}, {})
+    errors.update(limit_errors)
     if errors:
         return await _form_page(request, "edit", values, errors, row=row, status=400)
+    # a field the form did not send (another user's form, an old page) keeps its value
+    changes = {field: limits[field] if field in limits and field in fields else KEEP for field in LIMIT_FIELDS}
     change_expiry = expiry_changed(expiry, row["expires_at"])
     try:
         await lifecycle.update_credential(
             svc.pool, actor_for(request), svc.settings.policy, row["public_id"], name=values["name"],
             owner=owner if owner != row["owner_name"] else None, change_expiry=change_expiry,
             expires_in_days="never" if change_expiry and expiry == "never" else None,
-            expires_at=expiry if change_expiry and expiry != "never" else None)
+            expires_at=expiry if change_expiry and expiry != "never" else None, rate_limit=changes["rate_limit"],
+            quota=changes["quota"])
     except lifecycle.LifecycleError as exc:
         if exc.status == 409:
             raise
@@ -196,7 +210,8 @@ async def edit(request: web.Request) -> web.StreamResponse:
 def _form_values(fields: dict[str, str], default_owner: str) -> dict[str, str]:
     return {"name": fields.get("name", "").strip(), "kind": fields.get("kind", ""),
             "expires": fields.get("expires", "").strip(), "never": "on" if fields.get("never") == "on" else "",
-            "owner": fields.get("owner", "").strip() or default_owner}
+            "owner": fields.get("owner", "").strip() or default_owner,
+            "rate_limit": fields.get("rate_limit", "").strip(), "quota": fields.get("quota", "").strip()}
 
 
 async def _form_page(request: web.Request, mode: str, values: dict[str, str], errors: dict[str, str], *,

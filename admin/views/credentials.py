@@ -10,6 +10,7 @@ from aiohttp import web
 
 from admin import lifecycle
 from admin.auth import actor_for, current
+from admin.credential_limits import KEEP, MAX_TEXT_LENGTH, Change, LimitError, LimitField, canonical
 from admin.errors import forbidden, json_response, no_content
 from admin.idempotency import IDEMPOTENCY_HEADER, check_key
 from admin.views.common import Fields, id_cursor, page, page_limit, query_fields, read_json, services
@@ -36,6 +37,31 @@ def _owner_allowed(request: web.Request, owner: str | None) -> None:
     identity = current(request)
     if owner is not None and owner != identity.name and not identity.is_admin:
         raise forbidden("only an admin may act on another principal's credentials")
+
+
+def limit_field(body: Fields, name: LimitField) -> Change:
+    """`rate_limit` / `quota`: KEEP when absent, None for null or "none", else the canonical policy text."""
+    if name not in body.data:
+        return KEEP
+    if body.data[name] is None:
+        return None
+    value = body.string(name, max_length=MAX_TEXT_LENGTH)
+    if value is None:
+        return KEEP  # body.string named the problem
+    try:
+        return canonical(value, name)
+    except LimitError as exc:
+        body.fail(name, exc.message)
+        return KEEP
+
+
+def _limits_allowed(request: web.Request, rate_limit: Change, quota: Change, row: Record | None = None) -> None:
+    """Limits protect the upstreams from a credential's holder, so only an admin changes them (anyone may send
+    back the values they have, e.g. a GET response turned into a PATCH)."""
+    changed = any(change is not KEEP and change != (None if row is None else row[name])
+                  for name, change in (("rate_limit", rate_limit), ("quota", quota)))
+    if changed and not current(request).is_admin:
+        raise forbidden("only an admin may change a credential's rate_limit or quota")
 
 
 async def list_credentials(request: web.Request) -> web.Response:
@@ -65,7 +91,8 @@ async def list_credentials(request: web.Request) -> web.Response:
 async def create_credential(request: web.Request) -> web.Response:
     """201 with the secret: the only response that will ever show it."""
     identity = current(request)
-    body = Fields(await read_json(request), ("kind", "name", "owner", "expires_at", "expires_in_days"))
+    body = Fields(await read_json(request),
+                  ("kind", "name", "owner", "expires_at", "expires_in_days", "rate_limit", "quota"))
     kind = body.data.get("kind")
     if kind not in KINDS:
         body.fail("kind", "required: \"token\" or \"key\"")
@@ -73,12 +100,15 @@ async def create_credential(request: web.Request) -> web.Response:
     owner = body.string("owner", max_length=128)
     expires_at = body.timestamp("expires_at")
     expires_in_days = body.expiry_days("expires_in_days")
+    rate_limit, quota = limit_field(body, "rate_limit"), limit_field(body, "quota")
     body.done()
     _owner_allowed(request, owner)
+    _limits_allowed(request, rate_limit, quota)
     svc = services(request)
     issued = await lifecycle.create_credential(
         svc.pool, actor_for(request), svc.hash_secret, svc.settings.policy, owner=owner or identity.name,
-        kind=str(kind), name=name, expires_in_days=expires_in_days, expires_at=expires_at)
+        kind=str(kind), name=name, expires_in_days=expires_in_days, expires_at=expires_at,
+        rate_limit=None if rate_limit is KEEP else rate_limit, quota=None if quota is KEEP else quota)
     return json_response(issued.reveal(), 201)
 
 
@@ -89,21 +119,24 @@ async def show_credential(request: web.Request) -> web.Response:
 
 
 async def update_credential(request: web.Request) -> web.Response:
-    """Name, expiry (within policy) and, for admins, the owner; the gateway sees the change at once."""
-    body = Fields(await read_json(request), ("name", "owner", "expires_at", "expires_in_days"))
+    """Name, expiry (within policy) and, for admins, the owner, rate limit and quota (null or "none" removes
+    one); the gateways see the change at once."""
+    body = Fields(await read_json(request), ("name", "owner", "expires_at", "expires_in_days", "rate_limit", "quota"))
     name = body.string("name", max_length=200)
     owner = body.string("owner", max_length=128)
     expires_at = body.timestamp("expires_at")
     expires_in_days = body.expiry_days("expires_in_days")
+    rate_limit, quota = limit_field(body, "rate_limit"), limit_field(body, "quota")
     body.done()
     svc = services(request)
     async with svc.pool.acquire() as conn:
         row = await visible_credential(conn, request)
     _owner_allowed(request, owner)
+    _limits_allowed(request, rate_limit, quota, row)
     updated = await lifecycle.update_credential(
         svc.pool, actor_for(request), svc.settings.policy, row["public_id"], name=name, owner=owner,
         expires_in_days=expires_in_days, expires_at=expires_at,
-        change_expiry=expires_at is not None or expires_in_days is not None)
+        change_expiry=expires_at is not None or expires_in_days is not None, rate_limit=rate_limit, quota=quota)
     return json_response(updated)
 
 

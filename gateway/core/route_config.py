@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import quote
 
+from gateway.core.rate_policy import Policy, PolicyError, parse_policy
 from gateway.core.targets import VISIBLE_ASCII, normalize_target
 
 __all__ = ["Route", "Upstream", "build_routes", "parse_upstream"]
@@ -127,6 +128,8 @@ class Route:
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     name: str = ""
+    rate_limit: Policy | None = None  # applies to each credential (or each address) on this route
+    rate_limit_by: Literal["credential", "address"] = "credential"
     # The prefix as the table matches it: normalised bytes, no trailing slash ("/" for the root route).
     match_key: bytes = field(init=False, repr=False, compare=False)
 
@@ -159,6 +162,8 @@ _ROUTE_KEYS = {
     "connect_timeout",
     "read_timeout",
     "name",
+    "rate_limit",
+    "rate_limit_by",
 }
 
 
@@ -236,6 +241,7 @@ def _build_route(raw: dict[str, Any], where: str, seen: set[str], problems: list
     if not isinstance(name, str):
         problems.append(f"{where}.name: a string expected")
         name = normal
+    rate_limit, rate_limit_by = _route_rate_limit(raw, where, auth == "required", problems)
     if len(problems) > before or upstream is None:
         return None
     return Route(
@@ -248,4 +254,30 @@ def _build_route(raw: dict[str, Any], where: str, seen: set[str], problems: list
         connect_timeout=timeouts["connect_timeout"],
         read_timeout=timeouts["read_timeout"],
         name=name,
+        rate_limit=rate_limit,
+        rate_limit_by=rate_limit_by,
     )
+
+
+def _route_rate_limit(
+    raw: dict[str, Any], where: str, auth_required: bool, problems: list[str]
+) -> tuple[Policy | None, Literal["credential", "address"]]:
+    """`rate_limit = "1000/minute"`, counted per credential (the default where auth is required) or per client
+    address (`rate_limit_by = "address"`, the only choice on an `auth = "none"` route)."""
+    text = raw.get("rate_limit")
+    policy = None
+    if text is not None:
+        try:
+            policy = parse_policy(text, "rate") if isinstance(text, str) else None
+        except PolicyError as exc:
+            problems.append(f"{where}.rate_limit: {exc}")
+        else:
+            if policy is None:
+                problems.append(f'{where}.rate_limit: a string expected, e.g. rate_limit = "1000/minute"')
+    by = raw.get("rate_limit_by", "credential" if auth_required else "address")
+    if by not in ("credential", "address"):
+        problems.append(f'{where}.rate_limit_by: must be "credential" or "address", got {by!r}')
+        by = "address"
+    elif by == "credential" and not auth_required:
+        problems.append(f'{where}.rate_limit_by: an auth = "none" route has no credential to count; use "address"')
+    return policy, by

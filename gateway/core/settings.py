@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.core.redaction import Secret, SecretURL, redact_url
+from gateway.core.redis_client import url_problem as redis_url_problem
 from gateway.core.route_config import Route, build_routes
 
 ENV_PREFIX = "CREDGATE_"
@@ -92,6 +93,11 @@ class ThrottleSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    on_redis_down: str = "local"  # "local": each process enforces its share from memory; "allow"; "deny"
+
+
+@dataclass(frozen=True, slots=True)
 class PolicySettings:
     default_expiry_days: int = 90
     max_expiry_days: int = 365
@@ -134,6 +140,7 @@ class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     argon2: Argon2Settings = field(default_factory=Argon2Settings)
     throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
+    ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     oauth: OAuthSettings = field(default_factory=OAuthSettings)
@@ -309,11 +316,8 @@ def _validate_connections(s: Settings, problems: list[str]) -> None:
     elif urlsplit(db).scheme not in ("postgresql", "postgres"):
         problems.append(f"database_url: {redact_url(db)!r} is not a postgresql:// URL")
     redis_url = s.redis_url.reveal()
-    if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
-        problems.append(
-            f"redis_url: {redact_url(redis_url)!r} is not a redis://, rediss:// or unix:// URL "
-            "(leave it empty to run without Redis)"
-        )
+    if redis_url and (redis_problem := redis_url_problem(redis_url)):
+        problems.append(f"redis_url: {redis_problem}")
 
 
 def _validate_listeners(s: Settings, problems: list[str]) -> None:
@@ -361,6 +365,9 @@ def _validate_values(s: Settings, problems: list[str]) -> None:
         ("gateway.limits.head_timeout", s.gateway.limits.head_timeout),
     ]
     problems.extend(f"{name}: must be greater than 0" for name, value in positive if value <= 0)
+    if s.ratelimit.on_redis_down not in ("local", "allow", "deny"):
+        value = s.ratelimit.on_redis_down
+        problems.append(f'ratelimit.on_redis_down: "local", "allow" or "deny" expected, got {value!r}')
     if s.argon2.memory_kib < 8 * s.argon2.parallelism:
         problems.append("argon2.memory_kib: must be at least 8 x parallelism (OWASP minimum is 19456)")
     if s.policy.default_expiry_days > s.policy.max_expiry_days > 0:
@@ -414,6 +421,7 @@ __all__ = [
     "Limits",
     "OAuthSettings",
     "PolicySettings",
+    "RateLimitSettings",
     "Settings",
     "SettingsError",
     "ThrottleSettings",

@@ -131,7 +131,7 @@ WHERE m.principal_id = {principal_id} ORDER BY g.name"""
 
 AUTH_LOOKUP = f"""
 SELECT c.id, c.public_id, c.kind, c.secret_hash, c.previous_secret_hash, c.previous_expires_at,
-       c.name, c.expires_at, c.revoked_at, c.created_by, c.creator_id,
+       c.name, c.expires_at, c.revoked_at, c.created_by, c.creator_id, c.rate_limit, c.quota,
        o.id AS owner_id, o.name AS owner_name, (o.disabled OR o.deleted_at IS NOT NULL) AS owner_disabled,
        cr.name AS creator_name,
        ARRAY({group_names_of("o.id")}) AS groups,
@@ -161,6 +161,8 @@ class AuthRecord:
     creator: str
     groups: tuple[str, ...]
     change_seq: int  # how many changes the snapshot of this read had seen (migration 004)
+    rate_limit: str | None = None  # 'N/unit' (migration 005); gateway.core.rate_policy parses them
+    quota: str | None = None
 
     def __repr__(self) -> str:  # hashes are not secrets, but nothing that verifies a secret goes into logs
         return f"AuthRecord(public_id={self.public_id!r}, kind={self.kind!r}, owner={self.owner_name!r})"
@@ -188,6 +190,8 @@ def record_from_row(row: Record) -> AuthRecord:
         creator=row["creator_name"] or row["created_by"],
         groups=tuple(row["groups"]),
         change_seq=row["change_seq"],
+        rate_limit=row["rate_limit"],
+        quota=row["quota"],
     )
 
 
@@ -202,11 +206,13 @@ CREDENTIAL_IDS_OF_OWNER = "SELECT public_id FROM credentials WHERE owner_id = $1
 CREDENTIAL_COLUMNS = """
 c.id, c.public_id, c.kind, c.name, c.owner_id, o.name AS owner_name, o.kind AS owner_kind,
 (o.disabled OR o.deleted_at IS NOT NULL) AS owner_disabled, c.creator_id, c.created_by,
-c.created_at, c.expires_at, c.revoked_at, c.last_used_at, c.rotated_at, c.previous_expires_at"""
+c.created_at, c.expires_at, c.revoked_at, c.last_used_at, c.rotated_at, c.previous_expires_at, c.rate_limit,
+c.quota"""
 
 INSERT_CREDENTIAL = """
-INSERT INTO credentials (public_id, kind, secret_hash, name, owner_id, creator_id, created_by, expires_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id"""
+INSERT INTO credentials (public_id, kind, secret_hash, name, owner_id, creator_id, created_by, expires_at,
+                         rate_limit, quota)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id"""
 CREDENTIAL_BY_PUBLIC_ID = f"""
 SELECT {CREDENTIAL_COLUMNS} FROM credentials c JOIN principals o ON o.id = c.owner_id WHERE c.public_id = $1"""
 # Filters: owner id, status, kind, expiring before; keyset pagination on id.
@@ -255,7 +261,7 @@ UPDATE credentials SET revoked_at = now(), previous_secret_hash = NULL, previous
 REVOKE_CREDENTIAL = f"{_REVOKE}\nWHERE public_id = $1 AND revoked_at IS NULL RETURNING id"
 REVOKE_OWNER_CREDENTIALS = f"{_REVOKE}\nWHERE owner_id = $1 AND revoked_at IS NULL RETURNING public_id"
 UPDATE_CREDENTIAL = """
-UPDATE credentials SET name = $2, expires_at = $3, owner_id = $4, updated_at = now()
+UPDATE credentials SET name = $2, expires_at = $3, owner_id = $4, rate_limit = $5, quota = $6, updated_at = now()
 WHERE public_id = $1 AND revoked_at IS NULL RETURNING id"""
 
 
@@ -327,6 +333,9 @@ ON CONFLICT (credential_id, day) DO UPDATE SET requests = credential_usage.reque
 TOUCH_LAST_USED = """
 UPDATE credentials c SET last_used_at = GREATEST(c.last_used_at, u.at)
 FROM unnest($1::bigint[], $2::timestamptz[]) AS u(id, at) WHERE c.id = u.id"""
+# A quota's count after a Redis flush: the forwarded requests usage recorded in the period ($2 and $3 are days).
+QUOTA_USED = """
+SELECT coalesce(sum(requests), 0) FROM credential_usage WHERE credential_id = $1 AND day >= $2 AND day < $3"""
 USAGE_FOR_CREDENTIAL = """
 SELECT day, requests FROM credential_usage WHERE credential_id = $1 AND day >= $2 ORDER BY day"""
 

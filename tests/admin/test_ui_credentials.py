@@ -142,7 +142,7 @@ async def test_thousands_of_rows_are_paged_by_keyset(world: World) -> None:
     async with world.pool.acquire() as conn:
         secret_hash = await conn.fetchval("SELECT secret_hash FROM credentials WHERE id = $1", owner["id"])
         rows = [(formats.new_public_id(), "token", secret_hash, f"bulk-{i:03d}", owner["owner_id"], None, "test",
-                 None) for i in range(120)]
+                 None, None, None) for i in range(120)]
         await conn.executemany(store.INSERT_CREDENTIAL, rows)  # type: ignore[attr-defined]
     await sign_in(world, "alice")
     first = await get(world, "/credentials")

@@ -271,6 +271,7 @@ class BenchCredentials:
     token: str
     client_id: str
     secret: str
+    limited_token: str  # a token with a 1,000,000/minute rate limit (issue 14's bench row)
 
 
 def make_credentials(env: dict[str, str]) -> BenchCredentials:
@@ -278,7 +279,9 @@ def make_credentials(env: dict[str, str]) -> BenchCredentials:
     cli(env, "users", "create", "bench-svc", "--service")
     token = cli(env, "credentials", "create", "--owner", "bench-svc", "--kind", "token", "--name", "bench-token")
     key = cli(env, "credentials", "create", "--owner", "bench-svc", "--kind", "key", "--name", "bench-key")
-    return BenchCredentials(token["token"], key["client_id"], key["secret"])
+    limited = cli(env, "credentials", "create", "--owner", "bench-svc", "--kind", "token", "--name", "bench-limited",
+                  "--rate-limit", "1000000/minute")
+    return BenchCredentials(token["token"], key["client_id"], key["secret"], limited["token"])
 
 
 @dataclass

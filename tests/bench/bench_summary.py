@@ -151,6 +151,10 @@ class Summary:
         self.targets.append(Target(
             "... at most about 50 µs CPU per request",
             "-" if cpu_med is None else f"{cpu_med:.0f} µs", None if cpu_med is None else cpu_med <= 55))
+        limited = bench_loop.same_run_ratio(by, "credgate-bearer-limited", "credgate-bearer", "sut_cpu_us_per_req")
+        self.targets.append(Target(
+            "cached bearer with a 1,000,000/minute limit: <= 15 % more CPU per request than without",
+            "-" if limited is None else f"{limited:.2f}x", None if limited is None else limited <= 1.15))
         scale = ratio(by, "credgate-bearer-2w", "credgate-bearer")
         self.targets.append(Target(
             "2 workers on 2 cores >= 1.8x one worker (wrk shares the cores: 2 cores only)",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.core.route_config import Route, Upstream, parse_upstream
+from gateway.core.rate_policy import Policy
+from gateway.core.route_config import Route, Upstream, build_routes, parse_upstream
 
 UPSTREAM = Upstream(scheme="http", host="127.0.0.1", port=9000)
 
@@ -95,3 +96,39 @@ def test_upstream_constructor_validates() -> None:
         Upstream(scheme="http", host="svc", port=70000)
     with pytest.raises(ValueError, match="trailing slash"):
         Upstream(scheme="http", host="svc", port=80, base_path="/x/")
+
+
+def _one(extra: dict[str, object]) -> tuple[list[Route], list[str]]:
+    problems: list[str] = []
+    routes = build_routes([{"prefix": "/api", "upstream": "http://127.0.0.1:9000", **extra}], problems)
+    return routes, problems
+
+
+def test_route_rate_limit_per_credential_by_default() -> None:
+    routes, problems = _one({"rate_limit": "1000/minute"})
+    assert problems == []
+    assert routes[0].rate_limit == Policy(1000, "minute") and routes[0].rate_limit_by == "credential"
+    assert _one({})[0][0].rate_limit is None
+
+
+def test_route_rate_limit_on_a_public_route_counts_addresses() -> None:
+    routes, problems = _one({"auth": "none", "rate_limit": "10/second"})
+    assert problems == [] and routes[0].rate_limit_by == "address"
+    routes, problems = _one({"rate_limit": "10/second", "rate_limit_by": "address"})
+    assert problems == [] and routes[0].rate_limit_by == "address"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"rate_limit": "10/day"}, "routes[0].rate_limit: expected N/second or N/minute or N/hour"),
+        ({"rate_limit": 10}, 'routes[0].rate_limit: a string expected, e.g. rate_limit = "1000/minute"'),
+        ({"rate_limit": "0/minute"}, "routes[0].rate_limit: N must be between 1"),
+        ({"rate_limit_by": "user"}, 'routes[0].rate_limit_by: must be "credential" or "address"'),
+        ({"auth": "none", "rate_limit_by": "credential"}, "has no credential to count; use \"address\""),
+    ],
+)
+def test_route_rate_limit_errors_name_the_key(extra: dict[str, object], message: str) -> None:
+    routes, problems = _one(extra)
+    assert routes == []
+    assert any(message in p for p in problems), problems
