@@ -1,7 +1,9 @@
 """The invalidation listener: LISTENs for the store's change notifications and evicts affected entries.
 
 A lost connection marks the whole memory tier stale (re-checked before use) and reconnects with
-exponential backoff; TTLs bound staleness whatever happens.
+exponential backoff; TTLs bound staleness whatever happens. It connects as the pool does (`database.connect`):
+to the primary of a host list, so after a failover it follows the promoted standby. LISTEN needs a session of
+its own on the primary itself: not a standby (which refuses LISTEN) nor a transaction-mode pooler.
 """
 
 from __future__ import annotations
@@ -15,9 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import asyncpg
-
-from gateway.core import store
+from gateway.core import database, store
 from gateway.core.errors import STORE_ERRORS
 from gateway.core.tasks import TaskGroup, background
 from gateway.memory import MemoryCache
@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 # How often an idle LISTEN connection is probed: a hung server is noticed within this plus the timeout.
 _PROBE_SECONDS = 2.0
+# The longest pause between reconnection attempts (jittered by +-50%). A failover (a standby promoted) takes
+# seconds, and every one the channel stays down after it is a second of caches re-checked against the store;
+# a failed attempt costs little (a refused connection, or a standby saying it is not the primary).
+_MAX_RECONNECT_DELAY = 2.0
 
 
 class InvalidationListener:
@@ -76,7 +80,8 @@ class InvalidationListener:
         while True:
             conn = None
             try:
-                conn = await asyncpg.connect(
+                # target_session_attrs (read-write for a host list) keeps it off standbys
+                conn = await database.connect(
                     self.dsn, timeout=5, server_settings={"application_name": "credgate-listen"}
                 )
                 self._lost.clear()
@@ -110,7 +115,7 @@ class InvalidationListener:
             self.memory.mark_all_stale()
             self._set_state(False)
             await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, _MAX_RECONNECT_DELAY)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         try:
