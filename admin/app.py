@@ -184,7 +184,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             pool = await database.create_pool(settings.database_url.reveal(), min_size=1,
-                                           max_size=settings.database_pool_size)
+                                           max_size=settings.database_pool_size,
+                                           statement_cache_size=settings.database_statement_cache_size)
             stack.push_async_callback(pool.close)
             async with pool.acquire() as conn:
                 if not await conn.fetchval(store.SCHEMA_CHECK):

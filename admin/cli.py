@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
@@ -33,7 +34,8 @@ def to_json(value: Any) -> str:
 
 async def open_pool(settings: Settings) -> store.Pool:
     try:
-        return await database.create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
+        return await database.create_pool(settings.database_url.reveal(), min_size=1, max_size=2,
+                                       statement_cache_size=settings.database_statement_cache_size)
     except (TimeoutError, OSError) as exc:
         raise CliError(
             f"cannot reach the database at {settings.database_url}: {exc.__class__.__name__}: {exc}; "
@@ -261,6 +263,19 @@ async def cmd_credentials_revoke(args: argparse.Namespace, settings: Settings) -
         await pool.close()
 
 
+def keys_generate(out: Path, as_json: bool) -> int:
+    from gateway.identity import generate
+
+    try:
+        kid = generate(out)
+    except OSError as exc:  # FileExistsError included: a key is never overwritten
+        print(f"credgate: --out: cannot create {out} ({exc.strerror}); choose another path", file=sys.stderr)
+        return 2
+    print(to_json({"kid": kid, "private_key": str(out), "public_key": f"{out}.pub"}) if as_json else
+          f"wrote {out} (private, mode 0600) and {out}.pub; key id {kid}. List it first in identity.key_files.")
+    return 0
+
+
 # --- output -----------------------------------------------------------------------------------------------
 
 
@@ -345,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("user")
         p.set_defaults(run=cmd_groups_member)
 
+    keys = sub.add_parser("keys", help="signing keys for the signed identity").add_subparsers(dest="cmd", required=True)
+    p = keys.add_parser("generate", help="write a new Ed25519 key pair (PEM) for identity.key_files")
+    p.add_argument("--out", required=True, help="path of the private key; the public key goes to OUT.pub")
+    p.add_argument("--json", action="store_true")
+
     creds = sub.add_parser("credentials", help="tokens and key pairs").add_subparsers(dest="cmd", required=True)
     p = creds.add_parser("create", parents=[common], help="create a credential; prints the secret once")
     p.add_argument("--owner", required=True, help="the user or service account it acts as")
@@ -391,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         from admin.devenv.up import run_up
 
         raise SystemExit(run_up(args))
+    if args.command == "keys":  # needs no configuration: the key is made before the config names it
+        raise SystemExit(keys_generate(Path(args.out), args.json))
     try:
         settings = load_settings(args.config)
     except SettingsError as exc:

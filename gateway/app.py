@@ -22,6 +22,7 @@ from gateway.exchange import Consume, Exchange, Forward, Note, Outcome, Respond
 from gateway.extract import PresentedAccessToken, Refusal, extract
 from gateway.grants import AccessTokenVerifier, Grant
 from gateway.headers import HeaderPolicy, ScannedHeaders, identity_block, is_websocket_upgrade, scan_request_headers
+from gateway.identity import IdentitySigner
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import Bucket, Limited, RateLimiter
 from gateway.request_head import upstream_request_head
@@ -67,6 +68,7 @@ class Gateway:
         tokens: AccessTokenVerifier | None = None,
         own: dict[bytes, OwnEndpoint] | None = None,
         limiter: RateLimiter | None = None,
+        signer: IdentitySigner | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
@@ -90,13 +92,22 @@ class Gateway:
         self.own: dict[bytes, OwnEndpoint] = own if own is not None else {}  # the gateway's own endpoints
         self.tokens = tokens  # OAuth2 access tokens are accepted when set (gateway.oauth issues them)
         self.limiter = limiter  # rate limits and quotas; None: nothing is limited
+        self.signer = signer  # signs Credgate-Identity where routes (or identity.assertion) ask for it
+        self.assert_identity = settings.identity.assertion
         # Tests tell workers apart by this header; off unless CREDGATE_DEBUG_WORKER_HEADER is set.
         self.worker_id = str(os.getpid()).encode() if os.environ.get("CREDGATE_DEBUG_WORKER_HEADER") else b""
 
     # --- the request path ---------------------------------------------------------------------------
 
     def handle(self, ex: Exchange) -> Respond | Forward | Consume | Awaitable[Respond | Forward]:
-        parsed = normalize_target(ex.target)
+        return self.route_request(ex, ex.target, ex.method)
+
+    def route_request(
+        self, ex: Exchange, target: bytes, http_method: bytes
+    ) -> Respond | Forward | Consume | Awaitable[Respond | Forward]:
+        """Decide on a request for `target` with `http_method`: the exchange's own, or (forward-auth) the
+        one a proxy asks about."""
+        parsed = normalize_target(target)
         if parsed is None:
             note = ex.note = Note(b"-", new_request_id())
             return self.refuse(note, "bad_request", 400, "invalid_request", "malformed or ambiguous request path")
@@ -112,7 +123,7 @@ class Gateway:
         if route is None:
             return self.refuse(note, "none", 404, "not_found", "no route for this path")
         note.route = route.name
-        if scanned.upgrade is not None and not is_websocket_upgrade(scanned, ex.method):
+        if scanned.upgrade is not None and not is_websocket_upgrade(scanned, http_method):
             # h2c and other protocol switches are never tunnelled (request smuggling via h2c)
             return self.refuse(note, "bad_request", 400, "invalid_request", "protocol upgrade not supported")
         if not route.auth_required:
@@ -120,7 +131,7 @@ class Gateway:
                 buckets = self.limiter.for_address(route, ex.client_ip)
                 if buckets is not None:
                     return self.limited(ex, route, scanned, note, b"", None, buckets)
-            return self.forward(ex, route, scanned, note, b"")
+            return self.admit(ex, route, scanned, note, b"")
         found = extract(scanned.authorization, scanned.access_key, scanned.secret_key, self.tokens is not None)
         if isinstance(found, Refusal):
             return self.refuse_credential(note, found)
@@ -163,11 +174,15 @@ class Gateway:
                     challenge(b"insufficient_scope", None, " ".join(sorted(route.groups)).encode()),
                 )
             identity = self.identity(entry, method, scope)
+            if self.signer is not None and (
+                self.assert_identity if route.identity_assertion is None else route.identity_assertion
+            ):
+                identity += self.signer.header_line(entry, route.name, method, entry.groups if scope is None else scope)
             if self.limiter is not None:
                 buckets = self.limiter.for_credential(route, entry, ex.client_ip)
                 if buckets is not None:
                     return self.limited(ex, route, scanned, note, identity, entry, buckets)
-            return self.forward(ex, route, scanned, note, identity, entry)
+            return self.admit(ex, route, scanned, note, identity, entry)
         if outcome == "invalid":
             return self.invalid(note, method, "the credential is invalid")
         if outcome == "token_expired":
@@ -208,7 +223,7 @@ class Gateway:
         assert self.limiter is not None
         decision = self.limiter.check(route.name, buckets)
         if isinstance(decision, bytes):
-            return self.forward(ex, route, scanned, note, identity, entry, decision)
+            return self.admit(ex, route, scanned, note, identity, entry, decision)
         if isinstance(decision, Limited):
             return self.rate_limited(note, decision)
         return self._limited_later(ex, route, scanned, note, identity, entry, decision)
@@ -226,7 +241,7 @@ class Gateway:
         decision = await pending
         if isinstance(decision, Limited):
             return self.rate_limited(note, decision)
-        return self.forward(ex, route, scanned, note, identity, entry, decision)
+        return self.admit(ex, route, scanned, note, identity, entry, decision)
 
     def rate_limited(self, note: Note, limited: Limited) -> Respond:
         outcome = "quota_exceeded" if limited.error == "quota_exceeded" else "rate_limited"
@@ -236,6 +251,19 @@ class Gateway:
             body = {"error": limited.error, "error_description": limited.description, "reset": rfc3339(limited.reset)}
             respond.body = json.dumps(body, separators=(",", ":")).encode()
         return respond
+
+    def admit(
+        self,
+        ex: Exchange,
+        route: Route,
+        scanned: ScannedHeaders,
+        note: Note,
+        identity: bytes,
+        entry: CachedCredential | None = None,
+        limit_fields: bytes = b"",
+    ) -> Respond | Forward:
+        """The request may pass: here it is forwarded (gateway.forward_auth answers 200 instead)."""
+        return self.forward(ex, route, scanned, note, identity, entry, limit_fields)
 
     def forward(
         self,

@@ -25,8 +25,11 @@ from gateway.core.settings import Settings, parse_listen
 from gateway.core.tasks import background
 from gateway.denylist import TokenDenylist
 from gateway.exchange import Exchange, Respond
+from gateway.forward_auth import ForwardAuth
 from gateway.grants import AccessTokenVerifier
 from gateway.headers import make_policy
+from gateway.identity import HEADER as IDENTITY_HEADER
+from gateway.identity import JWKS_PATH, IdentitySigner
 from gateway.invalidation import InvalidationListener
 from gateway.lookup import CredentialLookup
 from gateway.memory import MemoryCache
@@ -63,7 +66,8 @@ async def running_worker(settings: Settings, registry: CollectorRegistry | None 
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(_worker_gone, metrics)
         # min_size=0: the gateway starts (and serves what it can) even while Postgres is down
-        pool = await database.create_pool(s.database_url.reveal(), min_size=0, max_size=s.database_pool_size)
+        pool = await database.create_pool(s.database_url.reveal(), min_size=0, max_size=s.database_pool_size,
+                                           statement_cache_size=s.database_statement_cache_size)
         stack.push_async_callback(pool.close)
         redis_tier = RedisTier(
             s.redis_url.reveal(), s.cache.redis_ttl, s.cache.negative_ttl, on_state=metrics.redis_up.set,
@@ -85,7 +89,8 @@ async def running_worker(settings: Settings, registry: CollectorRegistry | None 
 
         metrics.listen_connected.set(0)
         listener = InvalidationListener(
-            s.database_url.reveal(), memory, redis_tier, pool, timeout=s.cache.store_timeout,
+            s.database_listen_url.reveal() or s.database_url.reveal(), memory, redis_tier, pool,
+            timeout=s.cache.store_timeout,
             on_event=metrics.invalidated, on_state=listening, on_token_revoked=denylist.on_event,
         )
         lookup = CredentialLookup(
@@ -97,7 +102,7 @@ async def running_worker(settings: Settings, registry: CollectorRegistry | None 
         verifier = AccessTokenVerifier(keys, lookup, denylist)
         g = s.gateway
         policy = make_policy(
-            g.identity_headers.names(),
+            (*g.identity_headers.names(), IDENTITY_HEADER),  # a client-sent Credgate-Identity is spoofed too
             access_key_header=g.access_key_header,
             secret_key_header=g.secret_key_header,
             keep_credentials=g.keep_credential_headers,
@@ -114,11 +119,16 @@ async def running_worker(settings: Settings, registry: CollectorRegistry | None 
         metrics.ratelimit_shared.set(1 if redis_tier.client is not None else 0)
         # always running: credentials get limits through the admin API at any time
         await stack.enter_async_context(limiter.running())
-        gateway = Gateway(s, policy, auth, metrics, usage, access_log, tokens=verifier, limiter=limiter)
+        signer = IdentitySigner.from_settings(s)
+        gateway = Gateway(s, policy, auth, metrics, usage, access_log, tokens=verifier, limiter=limiter, signer=signer)
         probe = StoreProbe()
         gateway.own[b"/_credgate/health"] = _health
         gateway.own[b"/_credgate/ready"] = lambda ex: _ready(probe)
         OAuthEndpoints(s, policy, auth, keys, verifier, denylist, gateway.worker_id).register(gateway.own)
+        if signer is not None:
+            jwks = Respond(200, [(b"Content-Type", b"application/json"), (b"Cache-Control", b"max-age=300")],
+                           signer.jwks)
+            gateway.own[JWKS_PATH.encode()] = lambda ex: jwks
 
         await stack.enter_async_context(denylist.running())
         await stack.enter_async_context(listener.running())
@@ -127,6 +137,13 @@ async def running_worker(settings: Settings, registry: CollectorRegistry | None 
         host, port = parse_listen(g.listen)
         server = await start_server(gateway, host, port, limits=g.limits, reuse_port=True)
         stack.push_async_callback(server.shutdown, g.shutdown_timeout)
+        if s.forward_auth.listen:
+            decider = ForwardAuth(s, policy, auth, metrics, usage, access_log, tokens=verifier, own={},
+                                  limiter=limiter, signer=signer)
+            decider.configure_peers(s.forward_auth.trusted_proxies)
+            fa_host, fa_port = parse_listen(s.forward_auth.listen)
+            forward_auth = await start_server(decider, fa_host, fa_port, limits=g.limits, reuse_port=True)
+            stack.push_async_callback(forward_auth.shutdown, g.shutdown_timeout)
         yield server
 
 

@@ -92,6 +92,9 @@ def run_gateway(
             "credgate gateway listening on http://%s:%d (%d worker%s)", shown, port, count, "s" if count > 1 else ""
         )
         print(f"credgate gateway listening on http://{shown}:{port}", flush=True)
+        if settings.forward_auth.listen:
+            logger.info("credgate forward-auth listening on http://%s (trusted: %s)", settings.forward_auth.listen,
+                        ", ".join(settings.forward_auth.trusted_proxies))
         restarts: list[float] = []
         while not stopping:
             time.sleep(0.2)

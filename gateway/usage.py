@@ -54,21 +54,38 @@ class UsageRecorder:
             logger.warning(
                 "usage flush failed (%s); keeping %d counters for the next try", exc.__class__.__name__, len(pending)
             )
-            for key, n in pending.items():
-                self.pending[key] = self.pending.get(key, 0) + n
-            for cid, at in last_used.items():
-                self.last_used[cid] = max(at, self.last_used.get(cid, at))
+            self._keep(pending, last_used)
+        except asyncio.CancelledError:  # the batch was not written (the transaction rolls back): keep it
+            self._keep(pending, last_used)
+            raise
+
+    def _keep(self, pending: dict[tuple[int, date], int], last_used: dict[int, datetime]) -> None:
+        for key, n in pending.items():
+            self.pending[key] = self.pending.get(key, 0) + n
+        for cid, at in last_used.items():
+            self.last_used[cid] = max(at, self.last_used.get(cid, at))
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[UsageRecorder]:
-        """Flush every `interval` seconds for the block's duration, and once more at its end."""
+        """Flush every `interval` seconds for the block's duration, and once more at its end.
+
+        At the end the flusher is asked to stop rather than cancelled, so a write in flight completes
+        (cancelling it mid-write lost the batch: requests admitted just before a shutdown went uncounted,
+        and a quota re-read from Postgres after a Redis flush then allowed more than its limit).
+        """
+        stop = asyncio.Event()
         try:
-            async with background(self._loop(), "usage flusher"):
-                yield self
+            async with background(self._loop(stop), "usage flusher") as task:
+                try:
+                    yield self
+                finally:
+                    stop.set()
+                    await asyncio.wait({task}, timeout=10)  # then background() cancels it if still running
         finally:
             await self.flush()
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
+    async def _loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval)
             await self.flush()

@@ -102,7 +102,8 @@ def run_up(args: argparse.Namespace) -> int:
 async def _bootstrap(settings: Settings, data_dir: Path) -> tuple[str, str]:
     """Migrate; make sure the demo admin, group, service account and token exist. Returns (password, token)."""
 
-    pool = await database.create_pool(settings.database_url.reveal(), min_size=1, max_size=2)
+    pool = await database.create_pool(settings.database_url.reveal(), min_size=1, max_size=2,
+                                       statement_cache_size=settings.database_statement_cache_size)
     hash_secret = lifecycle.secret_hasher(settings.argon2)
     actor = lifecycle.cli_actor()
     try:

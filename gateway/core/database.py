@@ -72,7 +72,8 @@ async def connect(dsn: str, *, timeout: float = 60.0, **kwargs: Any) -> asyncpg.
 
     Each host gets at most `_HOST_CONNECT_SECONDS` of the overall `timeout`. A host that is down, refusing,
     starting, silent or of the wrong kind is skipped; any other error (a wrong password, a missing database)
-    is raised at once, as it would be the same everywhere. None left: NoUsableHost.
+    is raised at once, as it would be the same everywhere. None left: NoUsableHost. The signature is
+    asyncpg.connect's (`timeout` included): the pool calls this in its place.
     """
     urls = host_urls(dsn)
     if len(urls) == 1:

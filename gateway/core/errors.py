@@ -21,4 +21,6 @@ STORE_UNAVAILABLE: Final = (
 # can ever turn into a 401, a 500 or a forwarded request.
 STORE_ERRORS: Final = (*STORE_UNAVAILABLE, asyncpg.PostgresError)
 # Redis is optional at run time: any of these means "continue without the shared tier".
-REDIS_ERRORS: Final = (TimeoutError, RedisError, OSError)
+# RuntimeError: uvloop raises it when redis-py writes to a pooled connection whose peer reset it (the
+# transport is already closed); redis-py drops that connection, so the next call reconnects.
+REDIS_ERRORS: Final = (TimeoutError, RedisError, OSError, RuntimeError)

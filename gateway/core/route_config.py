@@ -130,6 +130,7 @@ class Route:
     name: str = ""
     rate_limit: Policy | None = None  # applies to each credential (or each address) on this route
     rate_limit_by: Literal["credential", "address"] = "credential"
+    identity_assertion: bool | None = None  # sign Credgate-Identity here; None: identity.assertion decides
     # The prefix as the table matches it: normalised bytes, no trailing slash ("/" for the root route).
     match_key: bytes = field(init=False, repr=False, compare=False)
 
@@ -164,6 +165,7 @@ _ROUTE_KEYS = {
     "name",
     "rate_limit",
     "rate_limit_by",
+    "identity_assertion",
 }
 
 
@@ -242,6 +244,9 @@ def _build_route(raw: dict[str, Any], where: str, seen: set[str], problems: list
         problems.append(f"{where}.name: a string expected")
         name = normal
     rate_limit, rate_limit_by = _route_rate_limit(raw, where, auth == "required", problems)
+    assertion = raw.get("identity_assertion")
+    if assertion is not None and not isinstance(assertion, bool):
+        problems.append(f"{where}.identity_assertion: true or false expected")
     if len(problems) > before or upstream is None:
         return None
     return Route(
@@ -256,6 +261,7 @@ def _build_route(raw: dict[str, Any], where: str, seen: set[str], problems: list
         name=name,
         rate_limit=rate_limit,
         rate_limit_by=rate_limit_by,
+        identity_assertion=assertion,
     )
 
 

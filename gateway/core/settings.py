@@ -16,116 +16,22 @@ from urllib.parse import urlsplit
 from gateway.core.redaction import Secret, SecretURL, redact_url
 from gateway.core.redis_client import url_problem as redis_url_problem
 from gateway.core.route_config import Route, build_routes
+from gateway.core.sections import (
+    AdminSettings,
+    Argon2Settings,
+    CacheSettings,
+    ForwardAuthSettings,
+    GatewaySettings,
+    IdentityHeaders,
+    IdentitySettings,
+    Limits,
+    OAuthSettings,
+    PolicySettings,
+    RateLimitSettings,
+    ThrottleSettings,
+)
 
 ENV_PREFIX = "CREDGATE_"
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_header_bytes: int = 32768
-    max_headers: int = 100
-    max_request_line: int = 8192
-    max_body_bytes: int = 100 * 1024 * 1024
-    head_timeout: float = 10.0
-    idle_timeout: float = 60.0
-    body_timeout: float = 60.0
-    upstream_idle: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class IdentityHeaders:
-    user_id: str = "X-Auth-User-Id"
-    user: str = "X-Auth-User"
-    groups: str = "X-Auth-Groups"
-    credential_id: str = "X-Auth-Credential-Id"
-    credential_name: str = "X-Auth-Credential-Name"
-    method: str = "X-Auth-Method"
-    scope: str = "X-Auth-Scope"
-
-    def names(self) -> tuple[str, ...]:
-        """Every identity header name, in the order the upstream receives them."""
-        return dataclasses.astuple(self)
-
-
-@dataclass(frozen=True, slots=True)
-class GatewaySettings:
-    listen: str = "127.0.0.1:8080"
-    workers: int = 1
-    metrics_listen: str = "127.0.0.1:9100"
-    trusted_proxies: tuple[str, ...] = ()
-    access_key_header: str = "accessKey"
-    secret_key_header: str = "secretKey"
-    keep_credential_headers: bool = False
-    access_log: str = "stdout"
-    expiry_warning_days: int = 14
-    shutdown_timeout: float = 10.0
-    usage_flush_seconds: float = 5.0
-    limits: Limits = field(default_factory=Limits)
-    identity_headers: IdentityHeaders = field(default_factory=IdentityHeaders)
-
-
-@dataclass(frozen=True, slots=True)
-class CacheSettings:
-    memory_ttl: float = 60.0
-    redis_ttl: float = 300.0
-    negative_ttl: float = 5.0
-    stale_ttl: float = 300.0
-    max_entries: int = 1_000_000
-    store_timeout: float = 1.5  # one credential read from Postgres on the request path (pool wait + query)
-    redis_timeout: float = 0.5  # one Redis call on the request path
-
-
-@dataclass(frozen=True, slots=True)
-class Argon2Settings:
-    memory_kib: int = 19456
-    time_cost: int = 2
-    parallelism: int = 1
-    concurrency: int = 2
-    queue_limit: int = 64
-
-
-@dataclass(frozen=True, slots=True)
-class ThrottleSettings:
-    max_failures: int = 10  # per credential id and client address
-    per_address_max_failures: int = 50
-    per_id_max_failures: int = 100  # per credential id, over every address
-    window_seconds: float = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimitSettings:
-    on_redis_down: str = "local"  # "local": each process enforces its share from memory; "allow"; "deny"
-
-
-@dataclass(frozen=True, slots=True)
-class PolicySettings:
-    default_expiry_days: int = 90
-    max_expiry_days: int = 365
-    allow_never_expires: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class AdminSettings:
-    listen: str = "127.0.0.1:8081"
-    metrics_listen: str = "127.0.0.1:9101"
-    session_ttl: float = 8 * 3600.0
-    max_body_bytes: int = 1024 * 1024
-    login_max_failures: int = 5
-    login_window_seconds: float = 300.0
-    access_log: str = "stdout"
-    store_timeout: float = 5.0  # a request's wait on Postgres before 503
-    gateway_url: str = ""  # the gateway as API clients reach it (UI usage examples); "" = http://<gateway.listen>
-
-
-@dataclass(frozen=True, slots=True)
-class OAuthSettings:
-    token_path: str = "/oauth/token"
-    revoke_path: str = "/oauth/revoke"
-    introspect_path: str = "/oauth/introspect"
-    access_token_ttl: int = 3600
-    signing_key_id: str = "k1"
-    previous_signing_keys: tuple[str, ...] = ()
-    issuer: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +39,9 @@ class Settings:
     secret_key: Secret = field(default_factory=lambda: Secret(""))
     secret_key_file: str = ""
     database_url: SecretURL = field(default_factory=lambda: SecretURL(""))
+    # A direct connection for the LISTEN channel when database_url goes through a transaction-mode pooler.
+    database_listen_url: SecretURL = field(default_factory=lambda: SecretURL(""))
+    database_statement_cache_size: int = 100  # 0 behind a pooler that cannot keep prepared statements
     redis_url: SecretURL = field(default_factory=lambda: SecretURL(""))
     database_pool_size: int = 10
     data_dir: str = ".credgate"
@@ -144,6 +53,8 @@ class Settings:
     policy: PolicySettings = field(default_factory=PolicySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     oauth: OAuthSettings = field(default_factory=OAuthSettings)
+    forward_auth: ForwardAuthSettings = field(default_factory=ForwardAuthSettings)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
     routes: tuple[Route, ...] = ()
 
     @property
@@ -315,6 +226,11 @@ def _validate_connections(s: Settings, problems: list[str]) -> None:
         problems.append("database_url: required; set CREDGATE_DATABASE_URL to postgresql://user@host:port/db")
     elif urlsplit(db).scheme not in ("postgresql", "postgres"):
         problems.append(f"database_url: {redact_url(db)!r} is not a postgresql:// URL")
+    listen_db = s.database_listen_url.reveal()
+    if listen_db and urlsplit(listen_db).scheme not in ("postgresql", "postgres"):
+        problems.append(f"database_listen_url: {redact_url(listen_db)!r} is not a postgresql:// URL")
+    if s.database_statement_cache_size < 0:
+        problems.append("database_statement_cache_size: 0 (off) or more expected")
     redis_url = s.redis_url.reveal()
     if redis_url and (redis_problem := redis_url_problem(redis_url)):
         problems.append(f"redis_url: {redis_problem}")
@@ -326,18 +242,28 @@ def _validate_listeners(s: Settings, problems: list[str]) -> None:
         ("gateway.metrics_listen", s.gateway.metrics_listen),
         ("admin.listen", s.admin.listen),
         ("admin.metrics_listen", s.admin.metrics_listen),
+        ("forward_auth.listen", s.forward_auth.listen),
     ):
-        if value == "" and dotted.endswith("metrics_listen"):
+        if value == "" and (dotted.endswith("metrics_listen") or dotted == "forward_auth.listen"):
             continue
         try:
             parse_listen(value)
         except ValueError:
             problems.append(f'{dotted}: {value!r} is not host:port, e.g. "127.0.0.1:8080"')
-    for proxy in s.gateway.trusted_proxies:
-        try:
-            ipaddress.ip_network(proxy, strict=False)
-        except ValueError:
-            problems.append(f"gateway.trusted_proxies: {proxy!r} is not an IP address or CIDR network")
+    if s.forward_auth.listen and s.forward_auth.listen == s.gateway.listen:
+        problems.append("forward_auth.listen: must not be the public listener (gateway.listen); give it its own port")
+    for dotted, proxies in (("gateway.trusted_proxies", s.gateway.trusted_proxies),
+                            ("forward_auth.trusted_proxies", s.forward_auth.trusted_proxies)):
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                problems.append(f"{dotted}: {proxy!r} is not an IP address or CIDR network")
+    if s.identity.ttl <= 0:
+        problems.append("identity.ttl: must be greater than 0")
+    if (s.identity.assertion or any(r.identity_assertion for r in s.routes)) and not s.identity.key_files:
+        problems.append("identity.key_files: signed identity is on but no key is configured; "
+                        "create one with `credgate keys generate --out FILE` and list it here")
 
 
 def _validate_values(s: Settings, problems: list[str]) -> None:
@@ -416,8 +342,10 @@ __all__ = [
     "AdminSettings",
     "Argon2Settings",
     "CacheSettings",
+    "ForwardAuthSettings",
     "GatewaySettings",
     "IdentityHeaders",
+    "IdentitySettings",
     "Limits",
     "OAuthSettings",
     "PolicySettings",

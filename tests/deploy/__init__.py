@@ -1,0 +1,1 @@
+"""Validation of the deploy/ artifacts: the container image, the compose deployment and the Kubernetes manifests."""
