@@ -24,7 +24,8 @@ from gateway.grants import AccessTokenVerifier, Grant
 from gateway.headers import HeaderPolicy, ScannedHeaders, identity_block, is_websocket_upgrade, scan_request_headers
 from gateway.identity import IdentitySigner
 from gateway.metrics import GatewayMetrics
-from gateway.ratelimit import Bucket, Limited, RateLimiter
+from gateway.ratelimit import RateLimiter
+from gateway.ratelimit_state import Bucket, Limited
 from gateway.request_head import upstream_request_head
 from gateway.routes import RouteTable, upstream_path
 from gateway.usage import UsageRecorder

@@ -36,18 +36,22 @@ def only(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return found[0].strip() or None if len(found) == 1 else None
 
 
-def client_of(ex: Exchange) -> str:
-    """The client's address as the trusted proxy reports it: X-Real-IP, else the last X-Forwarded-For hop."""
-    candidates = [only(ex.headers, b"x-real-ip") or b""]
-    forwarded = [v for k, v in ex.headers if k.lower() == b"x-forwarded-for"]
-    if forwarded:
-        candidates.append(forwarded[-1].rsplit(b",", 1)[-1])
-    for raw in candidates:
-        try:
-            return str(ipaddress.ip_address(raw.strip().decode("ascii")))
-        except (ValueError, UnicodeDecodeError):
-            continue
-    return ex.client_ip
+def client_of(ex: Exchange, endpoint: bytes) -> str:
+    """The client's address as the trusted proxy set it; the peer (the proxy) when it set none.
+
+    nginx's auth_request passes the client's own headers on, so for /nginx only X-Real-IP counts, which
+    deploy/forward-auth/nginx.conf sets from $remote_addr (replacing any client copy). Traefik, Caddy and
+    Envoy append the peer they saw to X-Forwarded-For: its last hop. Never an address the client chose.
+    """
+    if endpoint == b"/nginx":
+        raw = only(ex.headers, b"x-real-ip") or b""
+    else:
+        forwarded = [v for k, v in ex.headers if k.lower() == b"x-forwarded-for"]
+        raw = forwarded[-1].rsplit(b",", 1)[-1] if forwarded else b""
+    try:
+        return str(ipaddress.ip_address(raw.strip().decode("ascii")))
+    except (ValueError, UnicodeDecodeError):
+        return ex.client_ip
 
 
 class ForwardAuth(Gateway):
@@ -74,8 +78,9 @@ class ForwardAuth(Gateway):
         if not self.is_trusted(ex.client_ip):
             note = ex.note = Note(b"-", b"-")
             return self.refuse(note, "forbidden", 403, "forbidden", "not a trusted proxy for forward-auth")
-        ex.client_ip = client_of(ex)  # throttles, address limits and the log count the client, not the proxy
         path = ex.target.partition(b"?")[0]
+        # throttles, address limits and the access log count the client, not the proxy
+        ex.client_ip = client_of(ex, path)
         if path == ENVOY_PREFIX or path.startswith(ENVOY_PREFIX + b"/"):
             return self.route_request(ex, ex.target[len(ENVOY_PREFIX):] or b"/", ex.method)
         names = ENDPOINTS.get(path)

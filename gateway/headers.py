@@ -23,10 +23,13 @@ __all__ = [
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 HeaderPair = tuple[bytes, bytes]
 
-# Every lookup uses this canonical name: lowercase, with "_" and "." read as "-". CGI, WSGI, PHP and
-# nginx-style backends fold X_Auth_User and X-Auth-User into one HTTP_X_AUTH_USER variable, so a
+# Every lookup uses this canonical name: lowercase, with every token character that is not a letter or a
+# digit read as "-". CGI, WSGI, PHP and nginx-style backends fold X_Auth_User, X.Auth.User, X~Auth~User and
+# X-Auth-User into one HTTP_X_AUTH_USER variable (CGI maps each of the 14 such characters to "_"), so a
 # look-alike spelling of a header the gateway interprets or sets must never reach the upstream.
-_CANON: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_.", b"abcdefghijklmnopqrstuvwxyz--")
+_LOOK_ALIKE_CHARS: Final = b"!#$%&'*+.^_`|~"
+_CANON: Final = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ" + _LOOK_ALIKE_CHARS,
+                                b"abcdefghijklmnopqrstuvwxyz" + b"-" * len(_LOOK_ALIKE_CHARS))
 
 # Where scan_request_headers collects the values of headers it interprets (index into one list).
 (
@@ -141,7 +144,8 @@ class HeaderPolicy:
             if canonical in kinds:
                 raise ValueError(
                     f"header name {name.decode()!r} clashes with a header the gateway "
-                    "interprets or sets (names compare case-insensitively, '_' and '.' as '-')"
+                    "interprets or sets (names compare case-insensitively, '_', '.', '~' and the other "
+                    "non-alphanumeric token characters as '-')"
                 )
             kinds[canonical] = kind
         if not self.via or self.via.translate(None, bytes(range(0x20, 0x7F))):

@@ -22,22 +22,21 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from gateway.core import store
 from gateway.core.errors import REDIS_ERRORS, STORE_ERRORS
-from gateway.core.rate_policy import Policy, period
+from gateway.core.rate_policy import CredentialLimits, Policy, period
 from gateway.core.route_config import Route
 from gateway.core.tasks import background
 from gateway.entry import CachedCredential
 from gateway.ratelimit_scripts import GCRA, QUOTA
-from gateway.redis_tier import RATE_MEMBERS_KEY, quota_key, rate_key
+from gateway.ratelimit_state import Bucket, Decision, Limited, field_values, fields
+from gateway.redis_tier import RATE_MEMBERS_KEY, quota_key
 
 logger = logging.getLogger(__name__)
 
-LEASE_DIVISOR = 1000
 LEASE_SECONDS = 1.0
 RETRY_REDIS_SECONDS = 1.0  # after a failed Redis call, decide locally this long before trying again
 IDLE_SECONDS = 60.0  # a bucket unused this long is forgotten (its shared state stays in Redis)
@@ -45,76 +44,6 @@ MAX_BUCKETS = 100_000  # per process: bounds memory when a route counts per clie
 HEARTBEAT_SECONDS = 5.0
 SATURATION_SECONDS = 60.0  # how often credentials refused on most requests are counted (and logged)
 SWEEP_SECONDS = 0.5
-
-
-@dataclass(slots=True)
-class Limited:
-    """A refusal: 429 with `error` ("rate_limited" or "quota_exceeded"), Retry-After and the RateLimit fields."""
-
-    error: str
-    description: str
-    retry_after: int
-    reset: float | None  # epoch seconds when a quota period ends
-    policy: bytes  # the RateLimit-Policy field value
-    state: bytes  # the RateLimit field value
-
-
-Decision = bytes | Limited  # bytes: the header lines to add to the forwarded response
-
-
-class Bucket:
-    """One limit as this process sees it: its lease of shared units and what Redis said last."""
-
-    __slots__ = ("admitted", "busy", "credential_id", "debt", "denied_until", "key", "last_used", "lease",
-                 "lease_until", "local_tat", "local_used", "name", "period_end", "period_key", "policy", "policy_item",
-                 "refused", "remaining", "reset_at", "subject", "units")
-
-    def __init__(self, name: str, policy: Policy, subject: str, credential_id: int = 0) -> None:
-        """`credential_id`: the credential counted (0 for a route's count per client address)."""
-        self.name = b'"' + name.encode() + b'"'
-        self.policy = policy
-        self.subject = subject
-        self.credential_id = credential_id
-        self.key = rate_key(subject, policy.unit) if policy.kind == "rate" else ""
-        self.period_key = ""
-        self.period_end = 0.0  # a quota period's end, epoch seconds
-        self.policy_item = self.name + f";q={policy.count};w={policy.window}".encode()
-        self.lease = self.base_lease
-        self.units = 0  # leased and unused (negative: admitted beyond the lease, owed to the shared count)
-        self.debt = 0  # admitted while deciding locally, owed to the shared count
-        self.lease_until = 0.0
-        self.remaining = policy.count  # the shared remaining after the last grant
-        self.reset_at = 0.0  # monotonic time when the allowance is whole again (a quota: its period's end)
-        self.denied_until = 0.0
-        self.last_used = time.monotonic()
-        self.busy: asyncio.Future[None] | None = None
-        self.local_tat = 0.0
-        self.local_used = 0
-        self.admitted = 0  # decisions since the last saturation check (SATURATION_SECONDS)
-        self.refused = 0
-
-    @property
-    def base_lease(self) -> int:
-        return max(1, self.policy.count // LEASE_DIVISOR) if self.policy.count >= 2 * LEASE_DIVISOR else 1
-
-    def state_item(self, now: float, remaining: int | None = None) -> bytes:
-        r = max(0, self.remaining + self.units - self.local_used) if remaining is None else remaining
-        return self.name + b";r=" + str(r).encode() + b";t=" + str(max(0, math.ceil(self.reset_at - now))).encode()
-
-
-def field_values(buckets: tuple[Bucket, ...], now: float, denied: Bucket | None = None) -> tuple[bytes, bytes]:
-    """RateLimit-Policy and RateLimit (draft-ietf-httpapi-ratelimit-headers-11): one item per bucket."""
-    if len(buckets) == 1:
-        b = buckets[0]
-        return b.policy_item, b.state_item(now, 0 if b is denied else None)
-    return (b", ".join([b.policy_item for b in buckets]),
-            b", ".join([b.state_item(now, 0 if b is denied else None) for b in buckets]))
-
-
-def fields(buckets: tuple[Bucket, ...], now: float) -> bytes:
-    """The two fields as header lines, for a forwarded response."""
-    policy, state = field_values(buckets, now)
-    return b"RateLimit-Policy: " + policy + b"\r\nRateLimit: " + state + b"\r\n"
 
 
 class RateLimiter:
@@ -142,7 +71,7 @@ class RateLimiter:
         self.saturated = saturated  # credentials refused on most of their requests in the last check
         self.member = uuid.uuid4().hex
         self.buckets: dict[tuple[str, Policy], Bucket] = {}
-        self.sets: dict[tuple[object, ...], tuple[Bucket, ...]] = {}
+        self.sets: dict[tuple[str, int, str], tuple[CredentialLimits | None, tuple[Bucket, ...]]] = {}
         self.down_until = 0.0 if client is not None else math.inf
         self._gcra = client.register_script(GCRA) if client is not None else None
         self._quota = client.register_script(QUOTA) if client is not None else None
@@ -156,31 +85,35 @@ class RateLimiter:
         if limits is None and route_rate is None:
             return None
         by_address = route.rate_limit_by == "address"
-        key = (route.name, entry.credential_id, limits, address if by_address else None)
+        # keyed by plain values (cheap to hash); the policies are checked by identity: limits are shared
+        # instances (rate_policy.credential_limits), so a changed credential gets its new buckets at once
+        key = (route.name, entry.credential_id, address if by_address else "")
         found = self.sets.get(key)
-        if found is None:
-            wanted: list[Bucket] = []
-            cid = entry.credential_id
-            if route_rate is not None:
-                who = f"a:{address}" if by_address else f"c:{cid}"
-                wanted.append(self._bucket(f"route-{route_rate.unit}", route_rate, f"r:{route.name}:{who}",
-                                           0 if by_address else cid))
-            if limits is not None and limits.rate is not None:
-                wanted.append(self._bucket(limits.rate.unit, limits.rate, f"c:{cid}", cid))
-            if limits is not None and limits.quota is not None:  # last: a refused rate spends no quota
-                wanted.append(self._bucket(limits.quota.unit, limits.quota, f"q:{cid}", cid))
-            found = self.sets[key] = tuple(wanted)
-        return found
+        if found is not None and found[0] is limits:
+            return found[1]
+        wanted: list[Bucket] = []
+        cid = entry.credential_id
+        if route_rate is not None:
+            who = f"a:{address}" if by_address else f"c:{cid}"
+            wanted.append(self._bucket(f"route-{route_rate.unit}", route_rate, f"r:{route.name}:{who}",
+                                       0 if by_address else cid))
+        if limits is not None and limits.rate is not None:
+            wanted.append(self._bucket(limits.rate.unit, limits.rate, f"c:{cid}", cid))
+        if limits is not None and limits.quota is not None:  # last: a refused rate spends no quota
+            wanted.append(self._bucket(limits.quota.unit, limits.quota, f"q:{cid}", cid))
+        buckets = tuple(wanted)
+        self.sets[key] = (limits, buckets)
+        return buckets
 
     def for_address(self, route: Route, address: str) -> tuple[Bucket, ...] | None:
         rate = route.rate_limit
         if rate is None:
             return None
-        key = (route.name, address)
+        key = (route.name, 0, address)
         found = self.sets.get(key)
         if found is None:
-            found = self.sets[key] = (self._bucket(f"route-{rate.unit}", rate, f"r:{route.name}:a:{address}"),)
-        return found
+            found = self.sets[key] = (None, (self._bucket(f"route-{rate.unit}", rate, f"r:{route.name}:a:{address}"),))
+        return found[1]
 
     def _bucket(self, name: str, policy: Policy, subject: str, credential_id: int = 0) -> Bucket:
         found = self.buckets.get((subject, policy))
@@ -263,7 +196,7 @@ class RateLimiter:
                 b.local_used = 0
             b.period_end = current.end.timestamp()
             b.reset_at = now + (b.period_end - wall)
-            b.policy_item = b.name + f";q={b.policy.count};w={current.seconds}".encode()
+            b.set_policy_item(b.name + f";q={b.policy.count};w={current.seconds}".encode())
         try:
             async with asyncio.timeout(self.redis_timeout):
                 if b.policy.kind == "quota":

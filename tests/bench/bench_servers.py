@@ -67,7 +67,7 @@ def ensure_tools() -> dict[str, str]:
             sys.exit(f"bench: missing {', '.join(missing)}; install them with:\n"
                      f"  sudo apt-get update && sudo {' '.join(command)}")
         log(f"installing {' '.join(packages)} with apt-get")
-        _apt_install(command)
+        apt_install(command)
     paths = {tool: find_tool(tool) for tool in APT_PACKAGES}
     absent = [tool for tool, path in paths.items() if path is None]
     if absent:
@@ -75,7 +75,7 @@ def ensure_tools() -> dict[str, str]:
     return {tool: path for tool, path in paths.items() if path is not None}
 
 
-def _apt_install(command: list[str]) -> None:
+def apt_install(command: list[str]) -> None:
     # Debian's nginx postinst starts the system service on port 80: forbid that during the install.
     policy = Path("/usr/sbin/policy-rc.d")
     made = not policy.exists()
@@ -241,8 +241,22 @@ def write_config(path: Path, upstream_port: int, sink_port: int) -> Path:
         f'prefix = "/"\nupstream = "{upstream}"\nauth = "required"\nname = "api"\n'
         "[[routes]]\n"
         f'prefix = "/sink"\nupstream = "http://127.0.0.1:{sink_port}"\nauth = "required"\nname = "sink"\n'
+        "[[routes]]\n"
+        f'prefix = "/signed"\nupstream = "{upstream}"\nname = "signed"\nidentity_assertion = true\n'
+        "[identity]\n"
+        f'key_files = ["{identity_key(path.parent)}"]\n'
     )
     return path
+
+
+def identity_key(work: Path) -> Path:
+    """The Ed25519 key the bench's /signed route signs Credgate-Identity with (made once per run)."""
+    key = work / "identity.pem"
+    if not key.exists():
+        from gateway.identity import generate
+
+        generate(key)
+    return key
 
 
 def credgate_env(stores: Stores, config: Path) -> dict[str, str]:

@@ -155,6 +155,14 @@ class Summary:
         self.targets.append(Target(
             "cached bearer with a 1,000,000/minute limit: <= 15 % more CPU per request than without",
             "-" if limited is None else f"{limited:.2f}x", None if limited is None else limited <= 1.15))
+        signed = bench_loop.same_run_ratio(by, "credgate-bearer-signed", "credgate-bearer", "sut_cpu_us_per_req")
+        self.targets.append(Target(
+            "cached bearer with Credgate-Identity signed: <= 10 % more CPU per request than without",
+            "-" if signed is None else f"{signed:.2f}x", None if signed is None else signed <= 1.10))
+        forward = bench_loop.same_run_ratio(by, "nginx-authreq-credgate", "nginx-authreq", "sut_cpu_us_per_req")
+        self.targets.append(Target(
+            "nginx auth_request -> credgate forward-auth, CPU of nginx + credgate vs nginx's own auth service",
+            "-" if forward is None else f"{forward:.2f}x the CPU per request", None))
         scale = ratio(by, "credgate-bearer-2w", "credgate-bearer")
         self.targets.append(Target(
             "2 workers on 2 cores >= 1.8x one worker (wrk shares the cores: 2 cores only)",

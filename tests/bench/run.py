@@ -98,6 +98,11 @@ def build_scenarios(backend: Nginx, sut_nginx: Nginx | None, gw1: Gateway, gw2: 
             Scenario("nginx-proxy", f"http://127.0.0.1:{sut_nginx.ports['PROXY_PORT']}/", bench_token,
                      pids_of(sut_nginx), "nginx proxy_pass, upstream keep-alive"),
         ]
+        if "FAUTH_PORT" in sut_nginx.ports:
+            scenarios.append(Scenario(
+                "nginx-authreq-credgate", f"http://127.0.0.1:{sut_nginx.ports['FAUTH_PORT']}/", bearer,
+                lambda: [*sut_nginx.pids, *workers(gw1)],
+                "nginx auth_request to credgate forward-auth (CPU of nginx + credgate)", must_reject=True))
         if "AUTHREQ_PORT" in sut_nginx.ports:
             scenarios.append(Scenario(
                 "nginx-authreq", f"http://127.0.0.1:{sut_nginx.ports['AUTHREQ_PORT']}/", bench_token,
@@ -110,6 +115,9 @@ def build_scenarios(backend: Nginx, sut_nginx: Nginx | None, gw1: Gateway, gw2: 
                  must_reject=True),
         Scenario("credgate-bearer-limited", f"{gw1.url}/", (("Authorization", f"Bearer {creds.limited_token}"),),
                  lambda: workers(gw1), "1 worker, cached bearer token with a 1,000,000/minute limit",
+                 must_reject=True),
+        Scenario("credgate-bearer-signed", f"{gw1.url}/signed/", bearer, lambda: workers(gw1),
+                 "1 worker, cached bearer token, Credgate-Identity signed (route identity_assertion)",
                  must_reject=True),
         Scenario("credgate-keypair", f"{gw1.url}/", pair, lambda: workers(gw1),
                  "1 worker, cached accessKey/secretKey", must_reject=True),
@@ -168,8 +176,10 @@ def main() -> int:
         backend = bench_servers.start_nginx(procs, tools["nginx"], work, "backend", ports, aux,
                                             stream_mb=args.stream_mb)
         sut_ports = dict(ports, PROXY_PORT=bench_servers.free_port())
+        forward_auth_port = bench_servers.free_port()
         if bench_servers.nginx_has_auth_request(tools["nginx"]):
             sut_ports["AUTHREQ_PORT"] = bench_servers.free_port()
+            sut_ports.update(FAUTH_PORT=bench_servers.free_port(), CREDGATE_FA_PORT=forward_auth_port)
         else:
             log("nginx lacks http_auth_request_module: the nginx-authreq row is left out")
         sut_nginx = bench_servers.start_nginx(procs, tools["nginx"], work, "sut", sut_ports, aux)
@@ -180,7 +190,8 @@ def main() -> int:
         env = bench_servers.credgate_env(stores, config)
         creds = bench_servers.make_credentials(env)
         gw1 = bench_servers.start_gateway(procs, "gateway-1w", env, workers=1, cpus=aux,
-                                          access_log=out / "access-1w.log")
+                                          access_log=out / "access-1w.log",
+                                          extra_env={"CREDGATE_FORWARD_AUTH_LISTEN": f"127.0.0.1:{forward_auth_port}"})
         gw2 = bench_servers.start_gateway(procs, "gateway-2w", env, workers=2, cpus=aux,
                                           access_log=out / "access-2w.log")
         gateways += [gw1, gw2]

@@ -18,7 +18,8 @@ from gateway.core import store
 from gateway.core.rate_policy import Policy, credential_limits
 from gateway.core.route_config import Route, parse_upstream
 from gateway.entry import CachedCredential
-from gateway.ratelimit import Bucket, Decision, Limited, RateLimiter
+from gateway.ratelimit import RateLimiter
+from gateway.ratelimit_state import Bucket, Decision, Limited
 from gateway.redis_tier import quota_key, rate_key
 
 # draft-ietf-httpapi-ratelimit-headers-11: a List of Strings with integer parameters.
