@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.core.redaction import Secret, SecretURL
-from gateway.core.settings import SettingsError, load_settings
+from gateway.core.settings import Settings, SettingsError, load_settings
 
 KEY = "k" * 40
 BASE_ENV = {"CREDGATE_SECRET_KEY": KEY, "CREDGATE_DATABASE_URL": "postgresql://u:pw@127.0.0.1:5432/db"}
@@ -158,3 +162,40 @@ max_expiry_days = "ninety"
     assert "policy.max_expiry_days" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "a-long-enough-secret" not in proc.stderr
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "credgate.example.toml"
+
+
+def _dotted_fields(cls: type[Any], prefix: str = "") -> list[str]:
+    names = []
+    for f in dataclasses.fields(cls):
+        kind = typing.get_type_hints(cls)[f.name]
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            names += _dotted_fields(kind, f"{prefix}{f.name}.")
+        elif f.name != "routes":
+            names.append(prefix + f.name)
+    return names
+
+
+def test_the_annotated_example_documents_every_setting_and_loads() -> None:
+    text = EXAMPLE.read_text()
+    sections: dict[str, set[str]] = {}
+    current = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and not stripped.startswith("[["):
+            current = stripped.strip("[]") + "."
+        elif stripped.startswith("[["):
+            current = "routes."
+        match = re.match(r"#?\s*([a-z_]+)\s*=", stripped)
+        if match:
+            sections.setdefault(current, set()).add(match.group(1))
+    missing = []
+    for name in _dotted_fields(Settings):
+        section, _, key = name.rpartition(".")
+        if key not in sections.get(section + "." if section else "", set()):
+            missing.append(name)
+    assert not missing, f"config/credgate.example.toml does not document: {missing}"
+    settings = load_settings(EXAMPLE, env={"CREDGATE_SECRET_KEY": "k" * 40})
+    assert settings.routes and settings.ratelimit.on_redis_down == "local"
