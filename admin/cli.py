@@ -4,47 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
 
 from admin import lifecycle
+from admin.cli_support import CliError, open_pool, print_result, to_json
 from admin.credential_limits import KEEP, Change
-from gateway.core import admin_sql, database, store
+from gateway.core import admin_sql, store
 from gateway.core.settings import Settings, SettingsError, exit_on_error, load_settings
 
-Command = Callable[[argparse.Namespace, Settings], Awaitable[Any]]
 # A lifecycle error naming one of these fields is reported under the option that gave it.
 OPTIONS = {"rate_limit": "--rate-limit", "quota": "--quota"}
-
-
-def to_json(value: Any) -> str:
-    def default(obj: Any) -> Any:
-        if isinstance(obj, datetime):
-            return obj.isoformat().replace("+00:00", "Z")
-        return str(obj)
-
-    return json.dumps(value, default=default, indent=2, sort_keys=True)
-
-
-async def open_pool(settings: Settings) -> store.Pool:
-    try:
-        return await database.create_pool(settings.database_url.reveal(), min_size=1, max_size=2,
-                                       statement_cache_size=settings.database_statement_cache_size)
-    except (TimeoutError, OSError) as exc:
-        raise CliError(
-            f"cannot reach the database at {settings.database_url}: {exc.__class__.__name__}: {exc}; "
-            "is Postgres running (make run starts one) and database_url right?"
-        ) from None
-
-
-class CliError(Exception):
-    """A failure reported to the operator as one line, exit status 1."""
 
 
 # --- commands ---------------------------------------------------------------------------------------------
@@ -277,34 +251,6 @@ def keys_generate(out: Path, as_json: bool) -> int:
 
 
 # --- output -----------------------------------------------------------------------------------------------
-
-
-def print_result(result: Any, as_json: bool) -> None:
-    if as_json:
-        if isinstance(result, dict):
-            result = {k: v for k, v in result.items() if k != "message"}
-        print(to_json(result))
-        return
-    if isinstance(result, dict) and "message" in result:
-        print(result["message"])
-    elif isinstance(result, list):
-        for item in result:
-            print(_one_line(item))
-        if not result:
-            print("(none)")
-    elif isinstance(result, dict):
-        print(_one_line(result))
-
-
-def _one_line(item: dict[str, Any]) -> str:
-    def show(v: Any) -> str:
-        if isinstance(v, datetime):
-            return v.strftime("%Y-%m-%dT%H:%M:%SZ")
-        if isinstance(v, list):
-            return ",".join(map(str, v)) or "-"
-        return "-" if v is None else str(v)
-
-    return "  ".join(f"{k}={show(v)}" for k, v in item.items() if k not in ("created_by",))
 
 
 # --- parser -----------------------------------------------------------------------------------------------
