@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from gateway.core.redaction import Secret
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -130,3 +132,24 @@ class IdentitySettings:
     key_files: tuple[str, ...] = ()  # Ed25519 PEM files; the first signs, all are published in the JWKS
     ttl: int = 60  # seconds an assertion is valid
     issuer: str = ""  # the `iss` claim; "" = http://<gateway.listen>
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    urls: tuple[str, ...] = ()  # every lifecycle event goes here; owners may add their own (users' webhook_url)
+    secret: Secret = field(default_factory=lambda: Secret(""))  # signs each delivery (HMAC-SHA256)
+    timeout: float = 5.0  # seconds per delivery attempt
+    retry_for: float = 86400.0  # seconds of retries with exponential backoff before a delivery is marked failed
+    expiry_scan_seconds: float = 300.0  # how often expiring (14, 7, 1 days) and expired credentials are looked for
+
+
+@dataclass(frozen=True, slots=True)
+class LeakSettings:
+    path: str = ""  # the secret-scanning partner endpoint on the gateway's public listener; "" = off
+    public_keys_file: str = ""  # the code host's signing keys (its JSON format), or:
+    public_keys_url: str = ""  # fetched and cached; e.g. https://api.github.com/meta/public_keys/secret_scanning
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    verify_seconds: float = 300.0  # how often the admin service re-verifies the audit hash chain

@@ -19,16 +19,19 @@ from gateway.core.route_config import Route, build_routes
 from gateway.core.sections import (
     AdminSettings,
     Argon2Settings,
+    AuditSettings,
     CacheSettings,
     ForwardAuthSettings,
     GatewaySettings,
     IdentityHeaders,
     IdentitySettings,
+    LeakSettings,
     Limits,
     OAuthSettings,
     PolicySettings,
     RateLimitSettings,
     ThrottleSettings,
+    WebhookSettings,
 )
 
 ENV_PREFIX = "CREDGATE_"
@@ -55,6 +58,9 @@ class Settings:
     oauth: OAuthSettings = field(default_factory=OAuthSettings)
     forward_auth: ForwardAuthSettings = field(default_factory=ForwardAuthSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    leaks: LeakSettings = field(default_factory=LeakSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     routes: tuple[Route, ...] = ()
 
     @property
@@ -341,11 +347,13 @@ def exit_on_error(exc: SettingsError) -> typing.NoReturn:
 __all__ = [
     "AdminSettings",
     "Argon2Settings",
+    "AuditSettings",
     "CacheSettings",
     "ForwardAuthSettings",
     "GatewaySettings",
     "IdentityHeaders",
     "IdentitySettings",
+    "LeakSettings",
     "Limits",
     "OAuthSettings",
     "PolicySettings",
@@ -353,6 +361,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "ThrottleSettings",
+    "WebhookSettings",
     "exit_on_error",
     "load_settings",
     "parse_listen",
