@@ -59,6 +59,7 @@ class RateLimiter:
         count: Callable[[str, str], None] = lambda _route, _result: None,
         shared: Callable[[bool], None] = lambda _up: None,
         saturated: Callable[[int], None] = lambda _n: None,
+        report_refused: Callable[[list[int]], Awaitable[None]] | None = None,
     ) -> None:
         self.client = client
         self.pool = pool
@@ -69,6 +70,10 @@ class RateLimiter:
         self.count = count  # (route, result) for credgate_ratelimit_decisions_total
         self.shared = shared
         self.saturated = saturated  # credentials refused on most of their requests in the last check
+        # credential.rate_limited lifecycle events: the ids refused since the last report, at most once an hour each
+        self.report_refused = report_refused
+        self.refused_ids: set[int] = set()
+        self._reported: dict[int, int] = {}  # credential id -> the hour it was last reported in
         self.member = uuid.uuid4().hex
         self.buckets: dict[tuple[str, Policy], Bucket] = {}
         self.sets: dict[tuple[str, int, str], tuple[CredentialLimits | None, tuple[Bucket, ...]]] = {}
@@ -172,6 +177,8 @@ class RateLimiter:
         quota = b.policy.kind == "quota"
         self.count(route, "quota_exceeded" if quota and result == "limited" else result)
         b.refused += 1
+        if b.credential_id:
+            self.refused_ids.add(b.credential_id)
         retry = max(1, math.ceil(b.denied_until - now))
         if quota:
             return Limited("quota_exceeded", f"the credential's quota of {b.policy} is used up",
@@ -325,6 +332,22 @@ class RateLimiter:
         self.saturated(len(saturated))
         return len(saturated)
 
+    async def _report_refused(self) -> None:
+        """Hand the credentials refused since the last report (each at most once an hour) to `report_refused`."""
+        hour = int(time.time() // 3600)
+        ids = sorted(cid for cid in self.refused_ids if self._reported.get(cid) != hour)
+        self.refused_ids.clear()
+        if not ids or self.report_refused is None:
+            return
+        try:
+            await self.report_refused(ids)
+        except (*STORE_ERRORS, TimeoutError) as exc:  # the store may be away: try again at the next report
+            logger.warning("rate limits: could not record rate_limited events (%s)", exc.__class__.__name__)
+            self.refused_ids.update(ids)
+            return
+        self._reported = {cid: h for cid, h in self._reported.items() if h == hour}
+        self._reported.update((cid, hour) for cid in ids)
+
     async def _housekeeping(self) -> None:
         next_beat = 0.0
         next_saturation = time.monotonic() + SATURATION_SECONDS
@@ -332,6 +355,7 @@ class RateLimiter:
             now = time.monotonic()
             if now >= next_saturation:
                 self.check_saturation()
+                await self._report_refused()
                 next_saturation = now + SATURATION_SECONDS
             if now >= self.down_until:
                 if now >= next_beat:

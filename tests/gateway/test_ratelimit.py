@@ -261,3 +261,20 @@ async def test_credentials_refused_on_most_requests_are_counted(client: aioredis
     await run(limiter, calm, 30)
     assert limiter.check_saturation() == 1 and seen == [1]
     assert limiter.check_saturation() == 0  # counted afresh each period
+
+
+async def test_refused_credentials_are_reported_once_an_hour(client: aioredis.Redis, pool: Any) -> None:
+    reports: list[list[int]] = []
+
+    async def record(ids: list[int]) -> None:
+        reports.append(ids)
+
+    limiter = RateLimiter(client, pool, on_redis_down="local", processes=1, redis_timeout=0.5, store_timeout=1.5,
+                          report_refused=record)
+    buckets = limiter.for_credential(ROUTE, entry(11, "2/minute"), "x")
+    assert buckets is not None
+    await run(limiter, buckets, 5)
+    await limiter._report_refused()
+    await run(limiter, buckets, 5)
+    await limiter._report_refused()  # the same hour: not again
+    assert reports == [[11]]
