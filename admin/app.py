@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from admin import openapi
+from admin.audit_check import AuditChainCheck
 from admin.auth import IDENTITY, REQUEST_ID, AdminAuth
 from admin.errors import ApiError, error_response, from_http_exception, json_response, unauthorized
 from admin.idempotency import KEY_LIFETIME, RotationReplay
@@ -21,7 +22,9 @@ from admin.metrics import AdminMetrics
 from admin.ui import setup_ui
 from admin.ui.web import is_page, pages_middleware
 from admin.views import audit, credentials, groups, session, users
+from admin.views import webhooks as webhook_views
 from admin.views.common import SERVICES, Services
+from admin.webhooks import DeliveryWorker
 from gateway.core import admin_sql, database, hashing, store
 from gateway.core.errors import STORE_UNAVAILABLE
 from gateway.core.request_id import request_id_text
@@ -78,6 +81,9 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/credentials/{id}/rotate", credentials.rotate_credential),
     ("GET", "/credentials/{id}/usage", credentials.credential_usage),
     ("GET", "/audit", audit.list_audit),
+    ("GET", "/webhooks/deliveries", webhook_views.list_deliveries),
+    ("GET", "/users/{name}/webhook", webhook_views.show_webhook),
+    ("PUT", "/users/{name}/webhook", webhook_views.set_webhook),
 )
 # Everything else needs a session or a credential: authentication is the default, not an opt-in.
 PUBLIC_HANDLERS: frozenset[Handler] = frozenset({openapi_document, health, session.login})
@@ -195,8 +201,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             auth = AdminAuth(settings, pool, argon2)
             await auth.start()
             app[SERVICES] = Services(settings, pool, argon2, auth, RotationReplay(pool), metrics)
-            for job in (metrics.refresh_forever(pool), _maintain(settings, pool)):
+            audit_check = AuditChainCheck(pool, metrics.audit_chain_ok, settings.audit.verify_seconds)
+            for job in (metrics.refresh_forever(pool), _maintain(settings, pool), audit_check.run_forever()):
                 stack.push_async_callback(_cancel, asyncio.get_running_loop().create_task(job))
+            worker = DeliveryWorker(settings.webhooks, pool, settings.database_url.reveal(), metrics)
+            stack.push_async_callback(_cancel, asyncio.get_running_loop().create_task(worker.run()))
             yield
 
     app = web.Application(client_max_size=settings.admin.max_body_bytes,

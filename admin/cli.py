@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from admin import lifecycle
+from admin import cli_audit, cli_import, cli_leaks, cli_webhooks, lifecycle
 from admin.cli_support import CliError, open_pool, print_result, to_json
 from admin.credential_limits import KEEP, Change
 from gateway.core import admin_sql, store
@@ -339,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--grace", type=int, default=0, metavar="SECONDS", help="old secret keeps working this long")
     p.set_defaults(run=cmd_credentials_rotate)
+    cli_audit.register(sub, common)
+    cli_leaks.register(sub, common)
+    cli_import.register(sub, common)
+    cli_webhooks.register(sub, common, users)
     return parser
 
 

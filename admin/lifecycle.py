@@ -18,7 +18,7 @@ from typing import Any, Literal
 import asyncpg
 
 from admin.credential_limits import KEEP, Change, Limits, resolve_limits
-from gateway.core import admin_sql, formats, hashing, store
+from gateway.core import admin_sql, exposure, formats, hashing, store
 from gateway.core.settings import Argon2Settings, PolicySettings
 from gateway.core.store import Actor, Connection, Pool, Record
 
@@ -300,8 +300,8 @@ def public_credential(row: Record, now: datetime | None = None) -> dict[str, Any
         "last_used_at": row["last_used_at"],
         "rotated_at": row["rotated_at"],
         "previous_secret_expires_at": grace_end if grace_end and grace_end > now else None,
-        "status": store.credential_status(row, now),
-        "rate_limit": row["rate_limit"], "quota": row["quota"],  # canonical text or None
+        "status": store.credential_status(row, now), **exposure.credential_fields(row, now),  # + status_label
+        "rate_limit": row["rate_limit"], "quota": row["quota"], "legacy": bool(row.get("legacy")),  # limits: text|None
     }
     if row["kind"] == "key":
         data["client_id"] = formats.client_id_for(row["public_id"])

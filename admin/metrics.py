@@ -1,4 +1,4 @@
-"""The admin service's Prometheus metrics (registry passed in): API requests and credential gauges."""
+"""The admin service's Prometheus metrics (registry passed in): API requests, credential gauges, webhooks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gateway.core import store
+from gateway.core import outbox, store
 from gateway.core.store import Pool
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,18 @@ class AdminMetrics:
         self.expiring = Gauge(
             "credgate_admin_credentials_expiring", "Valid credentials that expire within the given number of days",
             ["within_days"], registry=registry)
+        self.webhook_deliveries = Counter(
+            "credgate_webhook_deliveries", "Webhook delivery attempts by result (delivered, retry, failed for good)",
+            ["result"], registry=registry)
+        for result in ("delivered", "retry", "failed"):
+            self.webhook_deliveries.labels(result)
+        self.webhook_pending = Gauge(
+            "credgate_webhook_deliveries_pending", "Webhook deliveries not yet delivered or failed", registry=registry)
         self.refresh_errors = Counter(
             "credgate_admin_gauge_refresh_errors", "Failed credential gauge refreshes", registry=registry)
+        self.audit_chain_ok = Gauge(
+            "credgate_audit_chain_ok", "1 while the audit log's hash chain verifies, 0 once a row breaks it",
+            registry=registry)
 
     def count_request(self, route: str, method: str, status: int) -> None:
         self.requests.labels(route, method if method in METHODS else "OTHER", str(status)).inc()
@@ -40,6 +50,7 @@ class AdminMetrics:
     async def refresh(self, pool: Pool) -> None:
         async with pool.acquire() as conn:
             row = await conn.fetchrow(store.CREDENTIAL_GAUGES)
+            self.webhook_pending.set(await conn.fetchval(outbox.COUNT_PENDING))
         assert row is not None  # an aggregate without GROUP BY always gives one row
         for status in STATUSES:
             self.credentials.labels(status).set(row[status])

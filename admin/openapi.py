@@ -55,6 +55,11 @@ CREDENTIAL: dict[str, Schema] = {
     "quota": nullable({"type": "string", "pattern": QUOTA_PATTERN,
                        "description": "requests per calendar day or month (UTC); null: no quota"}),
     "client_id": {"type": "string", "description": "key pairs only: the access key / Basic user name"},
+    "legacy": {"type": "boolean", "description": "an imported key, still in its old format; rotate it to get a "
+                                                 "credgate-format secret with the same id"},
+    "revocation_reason": nullable({"enum": ["exposed"], "description": "exposed: reported leaked, revoked at once"}),
+    "exposed_url": nullable({"type": "string", "description": "where the leaked secret was found"}),
+    "status_label": {"type": "string", "description": "status as shown to people, e.g. \"revoked (exposed)\""},
 }
 CREDENTIAL_REQUIRED = tuple(k for k in CREDENTIAL if k != "client_id")
 # Requests may also send "none" (like null: no limit); the admin role is needed to change either.
@@ -122,6 +127,17 @@ SCHEMAS: dict[str, Schema] = {
     "PasswordChange": obj({"current_password": {"type": "string", "minLength": 1, "maxLength": 1024},
                            "new_password": {"type": "string", "minLength": 12, "maxLength": 1024}}),
     "Health": obj({"status": {"const": "ok"}}),
+    "WebhookDelivery": obj({
+        "id": INT, "event_id": {"type": "string", "format": "uuid", "description": "the Credgate-Webhook-Id"},
+        "type": STRING, "url": {"type": "string", "description": "the destination (any password shown as ***)"},
+        "status": {"enum": ["pending", "delivered", "failed"]}, "attempts": INT, "next_attempt_at": TIME,
+        "last_status": nullable({"type": "integer", "description": "the receiver's last HTTP status"}),
+        "last_error": STRING, "created_at": TIME, "finished_at": nullable(TIME), "credential": nullable(STRING)}),
+    "WebhookDeliveryPage": page_of("WebhookDelivery"),
+    "OwnerWebhook": obj({"name": STRING, "webhook_url": nullable(STRING)}),
+    "OwnerWebhookUpdate": obj({"webhook_url": nullable({
+        "type": "string", "pattern": "^https?://", "maxLength": 2000,
+        "description": "gets the lifecycle events of this owner's credentials; null clears it"})}),
 }
 
 REQUEST_ID_HEADER = {"X-Request-Id": {"schema": STRING, "description": "the request id, also in the audit trail"}}
@@ -298,6 +314,17 @@ def _operations() -> dict[str, Any]:
             query("target", STRING, "target name or credential id"),
             query("action", STRING, "e.g. credential.rotate"),
             query("since", TIME, "at or after"), query("until", TIME, "before"), *PAGING], tag="audit")},
+        "/api/v1/webhooks/deliveries": {"get": operation(
+            "Lifecycle-event webhook deliveries, newest first", {"200": ok(200, "A page", "WebhookDeliveryPage")},
+            (400, *admin), params=[query("status", {"enum": ["pending", "delivered", "failed"]}, "filter"), *PAGING],
+            tag="webhooks")},
+        "/api/v1/users/{name}/webhook": {
+            "parameters": [NAME],
+            "get": operation("A user's own webhook URL", {"200": ok(200, "The URL", "OwnerWebhook")}, (*admin, 404),
+                             tag="webhooks"),
+            "put": operation("Set or clear a user's own webhook URL", {"200": ok(200, "Set", "OwnerWebhook")},
+                             (*admin, 404), body="OwnerWebhookUpdate", tag="webhooks"),
+        },
     }
 
 

@@ -5,6 +5,11 @@ credential is looked up through the tiers (gateway.lookup); argon2id runs only w
 secret, after the failure throttle agrees, once per secret across processes (a short Redis claim). A
 secret's status (expired, suspended) is only revealed after the secret verified; unknown ids, wrong secrets
 and revoked credentials all read `invalid`.
+
+An imported (legacy) key is first resolved to its public id (gateway.lookup, by a keyed digest or a client id;
+unknown ones are remembered, cost no hash and read `invalid`), then checked like any other secret. Verifying
+against a legacy hash (gateway.core.legacy) stands in for argon2 there; its first success replaces the legacy
+hash with argon2id, once across replicas, and writes a `credential.migrate` audit event.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ import logging
 import time
 from collections.abc import Awaitable
 
-from gateway.core import database, hashing, store
+from gateway.core import database, hashing, legacy, store
 from gateway.core.errors import STORE_ERRORS
-from gateway.core.formats import Presented
+from gateway.core.formats import Presented, PresentedLegacy
 from gateway.entry import BUSY, INVALID, CachedCredential, Negative, Verdict, status_of
 from gateway.lookup import Coalescer, CredentialLookup, Walk
 from gateway.throttle import FailureThrottle
@@ -27,6 +32,8 @@ logger = logging.getLogger(__name__)
 _CLAIM_MS = 3000
 _CLAIM_POLLS = 60
 _CLAIM_POLL_SECONDS = 0.025
+# Who the audit trail names for a migration the gateway made on a key's first use.
+_GATEWAY_ACTOR = store.Actor(label="gateway", source="gateway")
 
 
 class Authenticator:
@@ -44,6 +51,8 @@ class Authenticator:
         self.argon2 = argon2
         self.throttle = throttle
         self._verifications: Coalescer[tuple[str, bytes], Verdict] = Coalescer()
+        # bcrypt and pbkdf2 run in threads, at most as many at once as argon2 does (made at first use)
+        self._slow_legacy: asyncio.Semaphore | None = None
 
     def digest(self, presented: Presented) -> bytes:
         """The keyed digest this secret is remembered by (never the secret itself)."""
@@ -51,6 +60,8 @@ class Authenticator:
 
     def check(self, presented: Presented, client_ip: str) -> Verdict | Awaitable[Verdict]:
         """The verdict now when memory knows the answer, else an awaitable that finds out."""
+        if isinstance(presented, PresentedLegacy):
+            return self._check_legacy(presented, client_ip)
         digest = self.digest(presented)
         lookup = self.lookup
         entry = lookup.fresh(presented.public_id)
@@ -68,6 +79,37 @@ class Authenticator:
         lookup.observe("memory", "miss")
         key = (presented.public_id, digest)
         return self._verifications.run(key, lambda: self._verify_through_tiers(presented, digest, client_ip))
+
+    def _check_legacy(self, presented: PresentedLegacy, client_ip: str) -> Verdict | Awaitable[Verdict]:
+        """Find the credential an imported key is filed under, then check it like any other."""
+        if presented.kind == "key":
+            key = legacy.client_lookup(presented.client_id)
+            candidates = [key]
+        else:
+            key = legacy.token_lookup(self.key, presented.secret)
+            candidates = [key, *legacy.unsalted_lookups(presented.secret)]
+        filed = self.lookup.legacy.get(key)
+        if filed is not None:
+            return self._check_filed(filed, presented, client_ip)
+        if self.throttle.blocked_address_locally(client_ip) is not None:  # before any store read, as for ids
+            return Verdict("throttled", retry_after=int(self.throttle.window))
+        return self._check_when_filed(self.lookup.filed_under(key, candidates), presented, client_ip)
+
+    async def _check_when_filed(
+        self, filed: Awaitable[str | Negative | Verdict], presented: PresentedLegacy, client_ip: str
+    ) -> Verdict:
+        verdict = self._check_filed(await filed, presented, client_ip)
+        return verdict if isinstance(verdict, Verdict) else await verdict
+
+    def _check_filed(
+        self, filed: str | Negative | Verdict, presented: PresentedLegacy, client_ip: str
+    ) -> Verdict | Awaitable[Verdict]:
+        if isinstance(filed, Verdict):
+            return filed
+        if isinstance(filed, Negative):  # like an unknown id: no hash, and it counts against the address
+            self.throttle.note_address_failure(client_ip)
+            return INVALID
+        return self.check(Presented(presented.kind, filed, presented.secret), client_ip)
 
     async def _verify_through_tiers(self, presented: Presented, digest: bytes, client_ip: str) -> Verdict:
         lookup = self.lookup
@@ -138,7 +180,9 @@ class Authenticator:
             entry.add_digest(digest, matched_fp)
             lookup.remember(walk, entry, keep_stale_digests=False)
             await lookup.publish(walk, entry, digest, matched_fp)
-            if matched_fp == entry.current_fp and hashing.needs_rehash(self.argon2.hasher, matched_hash):
+            if matched_fp == entry.current_fp and legacy.is_legacy_hash(matched_hash):
+                await self._migrate(presented, matched_hash)
+            elif matched_fp == entry.current_fp and hashing.needs_rehash(self.argon2.hasher, matched_hash):
                 await self._rehash(presented, matched_hash)
             return status_of(entry, time.time())
         finally:
@@ -150,9 +194,42 @@ class Authenticator:
         if entry.previous_hash and time.time() < entry.previous_until:
             candidates.append((entry.previous_hash, entry.previous_fp))
         for stored_hash, fp in candidates:
-            if await self.argon2.verify(stored_hash, secret):
+            if await self._matches(stored_hash, secret):
                 return fp, stored_hash
         return "", ""
+
+    async def _matches(self, stored_hash: str, secret: str) -> bool:
+        """argon2id, or the legacy scheme of a key imported as a hash and not used since (constant time)."""
+        if not legacy.is_legacy_hash(stored_hash):
+            return await self.argon2.verify(stored_hash, secret)
+        if not legacy.is_slow(stored_hash):
+            return legacy.verify(stored_hash, secret)
+        if self._slow_legacy is None:
+            self._slow_legacy = asyncio.Semaphore(self.argon2.concurrency)
+        async with self._slow_legacy:
+            return await asyncio.to_thread(legacy.verify, stored_hash, secret)
+
+    async def _migrate(self, presented: Presented, old_hash: str) -> None:
+        """First use of a key imported as a legacy hash: argon2id replaces it (and a token's unsalted index).
+
+        The UPDATE is guarded by the old hash, so across replicas one wins and writes the audit event; the
+        change notification refreshes every cache. Postponed (not lost) when argon2 or the store is busy.
+        """
+        public_id = presented.public_id
+        try:
+            new_hash = await self.argon2.hash(presented.secret)
+            async with database.within(self.lookup.pool, self.lookup.store_timeout) as conn, conn.transaction():
+                credential_id = await conn.fetchval(legacy.MIGRATE_SECRET, public_id, new_hash, old_hash)
+                if credential_id is None:
+                    return  # migrated already (another replica), rotated or gone
+                if presented.kind == "token":
+                    await conn.execute(legacy.REINDEX_TOKEN, credential_id,
+                                       legacy.token_lookup(self.key, presented.secret))
+                await store.write_audit(conn, _GATEWAY_ACTOR, "credential.migrate", "credential", public_id,
+                                        {"from": legacy.scheme_of(old_hash), "to": "argon2id"})
+            logger.info("credential %s migrated from a legacy hash to argon2id", public_id)
+        except (hashing.Argon2Busy, *STORE_ERRORS):
+            logger.info("migration of credential %s postponed", public_id)
 
     async def _rehash(self, presented: Presented, old_hash: str) -> None:
         """Stronger parameters configured: store a new hash (the change notification refreshes caches)."""

@@ -4,7 +4,9 @@ Returns a Presented credential, or a reason for refusing: `missing` (no credenti
 `malformed` (a credential that cannot be ours: 401 without any I/O) or `conflict` (two credentials,
 a repeated credential header or half a pair: 400 invalid_request). Query strings are never looked at.
 With access_tokens=True (the gateway), a Bearer OAuth2 access token is returned as a
-PresentedAccessToken (method "oauth"); its signature is checked by gateway.tokens.
+PresentedAccessToken (method "oauth"); its signature is checked by gateway.tokens. A token or key pair that is
+not credgate-shaped, but shaped like an imported key (gateway.core.formats), is a PresentedLegacy: a Presented
+without a public id, which verification resolves through the legacy lookup (gateway.auth).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from base64 import b64decode
 from dataclasses import dataclass
 from typing import Literal, overload
 
-from gateway.core.formats import Presented, parse_key_pair, parse_token
+from gateway.core.formats import Presented, parse_key_pair, parse_legacy_key_pair, parse_legacy_token, parse_token
 from gateway.tokens import looks_like_access_token
 
 Method = Literal["bearer", "basic", "headers", "oauth"]
@@ -76,7 +78,8 @@ def extract(
     if access_key or secret_key:
         if not (access_key and secret_key):
             return HALF_PAIR
-        presented = parse_key_pair(access_key[0].strip(), secret_key[0].strip())
+        client_id, secret = access_key[0].strip(), secret_key[0].strip()
+        presented = parse_key_pair(client_id, secret) or parse_legacy_key_pair(client_id, secret)
         if presented is None:
             return Refusal("malformed", "headers", "")
         return presented, "headers"
@@ -91,6 +94,8 @@ def _from_authorization(value: bytes, access_tokens: bool) -> tuple[Presented | 
         if access_tokens and looks_like_access_token(credentials):
             return PresentedAccessToken(credentials), "oauth"
         token = parse_token(credentials) if len(credentials) == 48 else None
+        if token is None:
+            token = parse_legacy_token(credentials)
         if token is None:
             return Refusal("malformed", "bearer", "")
         return token, "bearer"
@@ -114,4 +119,4 @@ def _basic(credentials: bytes) -> Presented | None:
     client_id, sep, secret = decoded.partition(b":")
     if not sep:
         return None
-    return parse_key_pair(client_id, secret)
+    return parse_key_pair(client_id, secret) or parse_legacy_key_pair(client_id, secret)

@@ -1,6 +1,8 @@
 """One read-through credential lookup: process memory, then Redis, then the store.
 
-Used by secret verification (gateway.auth), the OAuth access-token verifier and the OAuth endpoints. The
+Used by secret verification (gateway.auth), the OAuth access-token verifier and the OAuth endpoints. An
+imported (legacy) key is first resolved to its public id through the legacy lookup (`LegacyIndex`, then
+the store), then looked up like any other credential. The
 walk for one credential is a `Walk`: it remembers what memory held when it began (a fallback while the
 store is away, and digests worth keeping) and the memory generation, so that nothing read before an
 invalidation is ever cached after it. Entries read from the store are published to Redis, so that one
@@ -17,7 +19,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
-from gateway.core import database, store
+from gateway.core import database, legacy, store
 from gateway.core.errors import STORE_ERRORS
 from gateway.core.settings import CacheSettings
 from gateway.entry import UNAVAILABLE, CachedCredential, Negative, Verdict
@@ -102,6 +104,36 @@ class StoreHealth:
 UNKNOWN: Negative = Negative(until=float("inf"))
 
 
+class LegacyIndex:
+    """Process memory of which public id a presented legacy key is filed under (or that none is).
+
+    Keys are lookup keys (gateway.core.legacy: the keyed digest of a token, or `k:` + a client id), never a
+    secret. A mapping never changes while its credential exists, so a positive entry past its TTL still
+    serves while the store is away; a negative one lasts `cache.negative_ttl`.
+    """
+
+    def __init__(self, max_entries: int, ttl: float, negative_ttl: float) -> None:
+        self.entries: dict[str, tuple[str, float]] = {}  # lookup key -> (public id, or "" for none; until)
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+
+    def get(self, key: str, *, stale_ok: bool = False) -> str | Negative | None:
+        found = self.entries.get(key)
+        if found is None:
+            return None
+        public_id, until = found
+        if time.monotonic() >= until and not (stale_ok and public_id):
+            return None
+        return public_id or UNKNOWN
+
+    def put(self, key: str, public_id: str) -> None:
+        self.entries.pop(key, None)
+        self.entries[key] = (public_id, time.monotonic() + (self.ttl if public_id else self.negative_ttl))
+        while len(self.entries) > self.max_entries:
+            del self.entries[next(iter(self.entries))]
+
+
 class CredentialLookup:
     """memory -> Redis -> store for credentials, with negative entries, stale fallback and publishing to Redis."""
 
@@ -127,6 +159,8 @@ class CredentialLookup:
         self.stale_ttl = cache.stale_ttl
         self.negative_ttl = cache.negative_ttl
         self._records: Coalescer[str, CachedCredential | Negative | Verdict] = Coalescer()
+        self.legacy = LegacyIndex(memory.max_entries, cache.memory_ttl, cache.negative_ttl)
+        self._legacy: Coalescer[str, str | Negative | Verdict] = Coalescer()
 
     # --- memory ---------------------------------------------------------------------------------------------
 
@@ -256,6 +290,31 @@ class CredentialLookup:
             self.remember(walk, stored)
             await self.publish(walk, stored)
         return stored
+
+    # --- imported (legacy) keys ----------------------------------------------------------------------------
+
+    def filed_under(self, key: str, candidates: list[str]) -> Awaitable[str | Negative | Verdict]:
+        """The public id a legacy key is filed under (any of `candidates`, `key` first), UNKNOWN, or UNAVAILABLE.
+
+        For a key `self.legacy` (memory) does not know: concurrent loads are coalesced into one indexed store read
+        with the same deadline and health as a credential read, remembered in memory. No hash is computed here.
+        """
+        return self._legacy.run(key, lambda: self._load_filed(key, candidates))
+
+    async def _load_filed(self, key: str, candidates: list[str]) -> str | Negative | Verdict:
+        deadline = self.store_timeout if self.store_reachable() else min(self.store_timeout, _DEADLINE_WHILE_DOWN)
+        try:
+            with self.health.attempt():
+                async with database.within(self.pool, deadline) as conn:
+                    row = await conn.fetchrow(legacy.RESOLVE, candidates)
+        except STORE_ERRORS as exc:
+            if not isinstance(exc, StoreDown):
+                logger.warning("store unreachable for a legacy key lookup: %s", exc.__class__.__name__)
+            stale = self.legacy.get(key, stale_ok=True)
+            return stale if isinstance(stale, str) else UNAVAILABLE
+        public_id: str = "" if row is None else row["public_id"]
+        self.legacy.put(key, public_id)
+        return public_id or UNKNOWN
 
     # --- staleness ------------------------------------------------------------------------------------------
 

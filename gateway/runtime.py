@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from gateway.accesslog import AccessLog
 from gateway.app import JSON, NO_STORE, Gateway
 from gateway.auth import Authenticator
-from gateway.core import database, hashing, store
+from gateway.core import database, hashing, outbox, store
 from gateway.core.errors import STORE_ERRORS
 from gateway.core.settings import Settings, parse_listen
 from gateway.core.tasks import background
@@ -31,6 +31,7 @@ from gateway.headers import make_policy
 from gateway.identity import HEADER as IDENTITY_HEADER
 from gateway.identity import JWKS_PATH, IdentitySigner
 from gateway.invalidation import InvalidationListener
+from gateway.leaks import LeakEndpoint
 from gateway.lookup import CredentialLookup
 from gateway.memory import MemoryCache
 from gateway.metrics import GatewayMetrics
@@ -114,7 +115,7 @@ async def running_worker(settings: Settings, registry: CollectorRegistry | None 
             redis_tier.client, pool, on_redis_down=s.ratelimit.on_redis_down, processes=g.workers,
             redis_timeout=s.cache.redis_timeout, store_timeout=s.cache.store_timeout,
             count=metrics.ratelimit_decision, shared=lambda up: metrics.ratelimit_shared.set(1 if up else 0),
-            saturated=metrics.ratelimit_saturated.set,
+            saturated=metrics.ratelimit_saturated.set, report_refused=lambda ids: _record_refused(pool, ids, s),
         )
         metrics.ratelimit_shared.set(1 if redis_tier.client is not None else 0)
         # always running: credentials get limits through the admin API at any time
@@ -125,6 +126,8 @@ async def running_worker(settings: Settings, registry: CollectorRegistry | None 
         gateway.own[b"/_credgate/health"] = _health
         gateway.own[b"/_credgate/ready"] = lambda ex: _ready(probe)
         OAuthEndpoints(s, policy, auth, keys, verifier, denylist, gateway.worker_id).register(gateway.own)
+        if s.leaks.path:  # the secret-scanning partner endpoint (off by default)
+            LeakEndpoint(s.leaks, pool, argon2, gateway.worker_id).register(gateway.own)
         if signer is not None:
             jwks = Respond(200, [(b"Content-Type", b"application/json"), (b"Cache-Control", b"max-age=300")],
                            signer.jwks)
@@ -145,6 +148,12 @@ async def running_worker(settings: Settings, registry: CollectorRegistry | None 
             forward_auth = await start_server(decider, fa_host, fa_port, limits=g.limits, reuse_port=True)
             stack.push_async_callback(forward_auth.shutdown, g.shutdown_timeout)
         yield server
+
+
+async def _record_refused(pool: store.Pool, credential_ids: list[int], s: Settings) -> None:
+    """credential.rate_limited lifecycle events for credentials the limiter refused (gateway.core.outbox)."""
+    async with database.within(pool, s.cache.store_timeout) as conn:
+        await outbox.record_rate_limited(conn, credential_ids)
 
 
 def _worker_gone(metrics: GatewayMetrics) -> None:

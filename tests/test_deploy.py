@@ -165,6 +165,13 @@ ALERT_CASES: list[tuple[str, list[dict[str, str]], list[dict[str, Any]]]] = [
     ("a credential limited most of the time", [series("credgate_ratelimit_saturated_credentials", GW, "1x30")], [
         fires("CredgateCredentialRateLimitedMostOfTheTime", "10m", None),
         fires("CredgateCredentialRateLimitedMostOfTheTime", "20m", {"job": "credgate-gateway", "severity": "info"})]),
+    ("audit chain broken on one admin replica", [
+        series("credgate_audit_chain_ok", ADMIN, "1 1 0x10"),
+        series("credgate_audit_chain_ok", 'job="credgate-admin",instance="a2:9101"', "1x12"),
+    ], [fires("CredgateAuditChainBroken", "2m", None),
+        fires("CredgateAuditChainBroken", "4m", {"job": "credgate-admin", "severity": "critical"})]),
+    ("audit chain not verified yet", [series("credgate_audit_chain_ok", ADMIN, "NaN 1x10")], [
+        fires("CredgateAuditChainBroken", "1m", None), fires("CredgateAuditChainBroken", "5m", None)]),
     ("gateway not scraped", [series("up", GW, "0x10")], [
         fires("CredgateGatewayDown", "5m", {**GW_LABELS, "severity": "critical"})]),
 ]

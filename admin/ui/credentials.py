@@ -95,7 +95,11 @@ async def detail_page(request: web.Request) -> web.Response:
 
 
 def _view(request: web.Request, credential: dict[str, Any]) -> dict[str, Any]:
-    return credential_view(credential, lifecycle.now_utc(), services(request).settings.gateway.expiry_warning_days)
+    view = credential_view(credential, lifecycle.now_utc(), services(request).settings.gateway.expiry_warning_days)
+    # a leak report revoked it: "Revoked (exposed)" and where the secret was found
+    view.update(exposed=credential.get("revocation_reason") == "exposed", exposed_url=credential.get("exposed_url"),
+                legacy=credential.get("legacy", False))  # imported: the badge suggests rotating to credgate's format
+    return view
 
 
 def _event_view(event: Record) -> dict[str, Any]:

@@ -15,19 +15,26 @@ __all__ = [
     "CLIENT_ID_PREFIX",
     "KEY_SECRET_LENGTH",
     "KEY_SECRET_PREFIX",
+    "LEGACY_MAX_LENGTH",
+    "LEGACY_MIN_LENGTH",
     "PUBLIC_ID_LENGTH",
     "TOKEN_LENGTH",
     "TOKEN_PREFIX",
     "CredentialKind",
     "Presented",
+    "PresentedLegacy",
     "client_id_for",
     "generate_key_secret",
     "generate_token",
+    "is_legacy_client_id",
+    "is_legacy_token",
     "is_public_id",
     "new_public_id",
     "parse_client_id",
     "parse_key_pair",
     "parse_key_secret",
+    "parse_legacy_key_pair",
+    "parse_legacy_token",
     "parse_token",
 ]
 
@@ -76,6 +83,20 @@ class Presented:
 
     def __repr__(self) -> str:
         return f"Presented(kind={self.kind!r}, public_id={self.public_id!r})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class PresentedLegacy(Presented):
+    """An imported (legacy) key, without an embedded public id (`public_id` is ""); not yet verified.
+
+    gateway.auth resolves it to its credential through the legacy lookup table (gateway.core.legacy).
+    """
+
+    # The imported client id of a key pair ("" for a token: the token is the secret).
+    client_id: str = ""
+
+    def __repr__(self) -> str:
+        return f"PresentedLegacy(kind={self.kind!r})"
 
 
 def _base62_checksum(raw: bytes) -> str:
@@ -178,3 +199,57 @@ def parse_key_pair(client_id: object, secret: object) -> Presented | None:
     if secret_text is None:
         return None
     return Presented("key", public_id, secret_text)
+
+
+# --- imported (legacy) keys ---------------------------------------------------------------------------------
+
+# An imported token or key-pair secret: 16 to 256 visible ASCII characters (shorter keys are refused at import:
+# they are too weak to keep). A client id: 1 to 128, without ':' (HTTP Basic splits on the first colon).
+LEGACY_MIN_LENGTH: Final = 16
+LEGACY_MAX_LENGTH: Final = 256
+LEGACY_CLIENT_ID_MAX_LENGTH: Final = 128
+# A string that starts like one of ours, `cg?_` in any case (cgt_, cgk_, cgs_, cga_ and any future one), is
+# ours and malformed: never looked up as a legacy key, and never accepted as one at import.
+
+
+def _visible(raw: bytes, shortest: int, longest: int) -> bool:
+    return shortest <= len(raw) <= longest and raw.isascii() and min(raw) > 0x20 and max(raw) < 0x7F
+
+
+def _ours(raw: bytes) -> bool:
+    return raw[:2].lower() == b"cg" and raw[3:4] == b"_"
+
+
+def _as_bytes(value: str | bytes) -> bytes | None:
+    if isinstance(value, bytes):
+        return value
+    return value.encode("ascii") if value.isascii() else None
+
+
+def is_legacy_token(value: str | bytes) -> bool:
+    """Whether value may be an imported token (or key-pair secret): visible ASCII, 16-256, not credgate-shaped."""
+    raw = _as_bytes(value)
+    return raw is not None and _visible(raw, LEGACY_MIN_LENGTH, LEGACY_MAX_LENGTH) and not _ours(raw)
+
+
+def is_legacy_client_id(value: str | bytes) -> bool:
+    """Whether value may be an imported client id: visible ASCII without ':', 1-128, not credgate-shaped."""
+    raw = _as_bytes(value)
+    return (raw is not None and _visible(raw, 1, LEGACY_CLIENT_ID_MAX_LENGTH) and b":" not in raw
+            and not _ours(raw))
+
+
+def parse_legacy_token(value: bytes) -> PresentedLegacy | None:
+    """The presented imported token when value is shaped like one, else None; never raises."""
+    if not is_legacy_token(value):
+        return None
+    return PresentedLegacy("token", "", value.decode("ascii"))
+
+
+def parse_legacy_key_pair(client_id: bytes, secret: bytes) -> PresentedLegacy | None:
+    """An imported key pair (its secret may already be a rotated `cgs_` one), else None; never raises."""
+    if not is_legacy_client_id(client_id):
+        return None
+    if parse_key_secret(secret) is None and not is_legacy_token(secret):
+        return None
+    return PresentedLegacy("key", "", secret.decode("ascii"), client_id.decode("ascii"))

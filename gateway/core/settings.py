@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.core.outbox import url_problem as webhook_url_problem
 from gateway.core.redaction import Secret, SecretURL, redact_url
 from gateway.core.redis_client import url_problem as redis_url_problem
 from gateway.core.route_config import Route, build_routes
@@ -317,6 +318,20 @@ def _validate_values(s: Settings, problems: list[str]) -> None:
     ):
         if not path.startswith("/"):
             problems.append(f"{dotted}: must start with '/'")
+    hooks = s.webhooks  # lifecycle-event webhooks (admin.webhooks): signed, so a URL needs the secret
+    problems.extend(f"webhooks.urls: {redact_url(url)!r}: {problem}" for url in hooks.urls
+                    if (problem := webhook_url_problem(url)))
+    if hooks.urls and not hooks.secret.reveal():
+        problems.append("webhooks.secret: required when webhooks.urls is set; prefer CREDGATE_WEBHOOKS_SECRET")
+    if min(hooks.timeout, hooks.retry_for, hooks.expiry_scan_seconds) <= 0:
+        problems.append("webhooks.timeout, retry_for and expiry_scan_seconds: must be greater than 0")
+    leaks = s.leaks  # the secret-scanning endpoint: a path of its own, and keys to check the reports with
+    if leaks.path and (not leaks.path.startswith("/") or leaks.path == "/" or not leaks.path.isascii()):
+        problems.append('leaks.path: a path starting with "/" expected, e.g. "/_credgate/leaks"; "" turns it off')
+    if leaks.path and not (leaks.public_keys_file or leaks.public_keys_url):
+        problems.append("leaks.path: set leaks.public_keys_file or leaks.public_keys_url (the code host's keys)")
+    if leaks.public_keys_url and not leaks.public_keys_url.startswith(("https://", "http://")):
+        problems.append("leaks.public_keys_url: an https:// URL expected")
 
 
 def _validate_signing_keys(oauth: OAuthSettings, problems: list[str]) -> None:

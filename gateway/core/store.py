@@ -207,7 +207,7 @@ CREDENTIAL_COLUMNS = """
 c.id, c.public_id, c.kind, c.name, c.owner_id, o.name AS owner_name, o.kind AS owner_kind,
 (o.disabled OR o.deleted_at IS NOT NULL) AS owner_disabled, c.creator_id, c.created_by,
 c.created_at, c.expires_at, c.revoked_at, c.last_used_at, c.rotated_at, c.previous_expires_at, c.rate_limit,
-c.quota"""
+c.quota, c.revoked_reason, c.exposed_url, c.legacy"""
 
 INSERT_CREDENTIAL = """
 INSERT INTO credentials (public_id, kind, secret_hash, name, owner_id, creator_id, created_by, expires_at,
