@@ -219,3 +219,33 @@ def test_leak_settings_are_validated(env: dict[str, str], tmp_path: Path, leaks:
     assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
     path.write_text('[leaks]\npath = "/_credgate/leaks"\npublic_keys_file = "k.json"\n')
     assert load_settings(path, env=env).leaks.path == "/_credgate/leaks"
+
+
+async def test_the_owner_is_told_through_the_webhook(env: dict[str, str], upstream: Upstream, tmp_path: Path) -> None:
+    """End to end: the code host's disclosure at the gateway becomes a signed credential.exposed webhook,
+    delivered by the admin service from the outbox the revocation wrote in its own transaction."""
+    from tests.admin.test_server import running_admin
+    from tests.admin.webhook_receiver import Receiver
+
+    secret = "whsec-" + "e" * 32
+    receiver = await Receiver(secret).start()
+    host = CodeHost(tmp_path)
+    leaked = await create_token(env, "svc")
+    hooks = {"CREDGATE_WEBHOOKS_URLS": receiver.url, "CREDGATE_WEBHOOKS_SECRET": secret,
+             "CREDGATE_WEBHOOKS_TIMEOUT": "1"}
+    (tmp_path / "admin").mkdir()
+    try:
+        async with running_gateway(env, config(tmp_path, upstream, host), tmp_path) as gw, \
+                running_admin({**env, **hooks}, tmp_path / "admin"):
+            status, answer, _ = await host.disclose(gw.url + PATH, matches(leaked["token"]))
+            assert status == 200 and answer[0]["label"] == "true_positive"
+
+            async def exposed() -> bool:
+                return any(e["type"] == "credential.exposed" for e in receiver.accepted)
+
+            await eventually(exposed, 15, "the credential.exposed webhook")
+    finally:
+        await receiver.stop()
+    event = next(e for e in receiver.accepted if e["type"] == "credential.exposed")
+    assert event["data"]["credential"]["id"] == leaked["id"] and event["data"]["url"] == URL
+    assert leaked["token"] not in json.dumps(receiver.accepted) and receiver.bad_signatures == 0
