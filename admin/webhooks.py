@@ -64,9 +64,8 @@ class DeliveryWorker:
         self.next_scan = 0.0
 
     async def run(self) -> None:
-        if not self.settings.secret.reveal():
-            logger.warning("webhooks.secret is not set: lifecycle events stay in the outbox, undelivered")
-            return
+        if not self.settings.secret.reveal():  # the settings insist on one when webhooks.urls is set
+            logger.info("webhooks.secret is not set: lifecycle events are recorded (and pruned), none is sent")
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout)
         async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
             while True:
@@ -100,6 +99,8 @@ class DeliveryWorker:
                 self.next_scan = time.monotonic() + self.settings.expiry_scan_seconds
             async with conn.transaction():
                 await conn.execute(outbox.FAN_OUT, list(self.settings.urls), FAN_OUT_BATCH)
+            if not self.settings.secret.reveal():
+                return 0  # nothing can be signed: owners' deliveries wait for a secret
             async with conn.transaction():
                 due = await conn.fetch(outbox.CLAIM_DUE, BATCH, self.settings.timeout + LEASE_MARGIN_SECONDS)
         if due:
