@@ -10,7 +10,7 @@ import pytest
 
 from gateway.core import formats, legacy
 
-TOKEN = "sk_live_4eC39HqLyjWDarjtT1zdp7dc"
+TOKEN = "legacy-3f9a1c7e5b2d8a04c6e1f7b9"
 KEY = b"server-key-" + b"k" * 32
 
 
