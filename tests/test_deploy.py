@@ -29,6 +29,9 @@ ADMIN_METRICS = ROOT / "admin" / "metrics.py"
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$instance": ".*"}
 # Metrics Prometheus makes itself, not credgate.
 PROMETHEUS_OWN = {"up"}
+# What a worker publishes after serving a request (its batched flush), waited for before reading the scrape.
+PUBLISHED_PER_REQUEST = ("credgate_requests_total", "credgate_request_duration_seconds_bucket",
+                         "credgate_upstream_duration_seconds_bucket", "credgate_ratelimit_decisions_total")
 # Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = {"job", "instance"}
 
@@ -325,7 +328,8 @@ async def test_every_metric_used_exists_in_a_live_scrape(env: dict[str, str], up
         for _ in range(100):  # workers publish request metrics in batches, a few times a second
             async with s.get(f"http://127.0.0.1:{gw.metrics_port}/metrics") as r:
                 text = await r.text()
-            if "credgate_requests_total{" in text:
+            # one flush publishes the counters and histograms one after the other: wait for all of them
+            if all(f"{name}{{" in text for name in PUBLISHED_PER_REQUEST):
                 break
             await asyncio.sleep(0.05)
     scraped: dict[str, set[str]] = {}
