@@ -18,7 +18,7 @@ from gateway.app import Gateway
 from gateway.core.route_config import Route
 from gateway.entry import CachedCredential
 from gateway.exchange import Consume, Exchange, Forward, Note, Respond
-from gateway.headers import ScannedHeaders
+from gateway.headers import ScannedHeaders, describe_peer
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -62,14 +62,11 @@ class ForwardAuth(Gateway):
         self._peers: dict[str, bool] = {}
 
     def is_trusted(self, address: str) -> bool:
+        """Whether the peer is a trusted proxy, judged as the gateway judges X-Forwarded-For senders (IPv4-mapped
+        IPv6 addresses of a dual-stack listener included)."""
         known = self._peers.get(address)
         if known is None:
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                known = False
-            else:
-                known = any(ip in network for network in self.trusted)
+            known = describe_peer(address, self.trusted)[0]
             if len(self._peers) < 4096:
                 self._peers[address] = known
         return known

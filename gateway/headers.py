@@ -14,6 +14,7 @@ from gateway.wire import HOP_BY_HOP, TCHAR
 __all__ = [
     "HeaderPolicy",
     "ScannedHeaders",
+    "describe_peer",
     "identity_block",
     "is_websocket_upgrade",
     "make_policy",
@@ -177,7 +178,7 @@ class HeaderPolicy:
         """Return (is a trusted proxy, address text, RFC 7239 node) for a client address, cached."""
         described = self._peers.get(client_ip)
         if described is None:
-            described = _describe_peer(client_ip, self.trusted_proxies)
+            described = describe_peer(client_ip, self.trusted_proxies)
             if len(self._peers) >= _PEER_CACHE_SIZE:
                 self._peers.clear()
             self._peers[client_ip] = described
@@ -214,7 +215,7 @@ def _ascii(value: str | bytes) -> bytes:
     return value.encode("ascii") if isinstance(value, str) else value
 
 
-def _describe_peer(client_ip: str, networks: Sequence[Network]) -> tuple[bool, bytes, bytes]:
+def describe_peer(client_ip: str, networks: Sequence[Network]) -> tuple[bool, bytes, bytes]:
     try:
         address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(client_ip)
     except ValueError:

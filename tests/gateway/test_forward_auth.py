@@ -15,6 +15,7 @@ import aiohttp
 import jwt
 import pytest
 
+from gateway.forward_auth import ForwardAuth
 from gateway.identity import generate
 from tests.support import GatewayProcess, Upstream, cli, free_port, running_gateway, write_config
 
@@ -151,3 +152,11 @@ async def test_an_upstream_verifies_the_signed_identity_with_pyjwt_and_the_jwks(
     assert claims["name"] == "svc" and claims["amr"] == ["bearer"] and claims["groups"] == []
     status, _, echoed = await ask(deployed.gateway.url + "/public/x", headers={"Credgate-Identity": "forged"})
     assert "credgate-identity" not in {k.lower() for k in json.loads(echoed)["headers"]}
+
+
+def test_trusted_peers_are_judged_like_the_gateways_proxies() -> None:
+    decider = object.__new__(ForwardAuth)  # only the peer check: no request path needed
+    decider.configure_peers(["127.0.0.1/32", "::1/128"])
+    assert decider.is_trusted("127.0.0.1") and decider.is_trusted("::1")
+    assert decider.is_trusted("::ffff:127.0.0.1")  # how a dual-stack listener reports an IPv4 peer
+    assert not decider.is_trusted("127.0.0.2") and not decider.is_trusted("unix-socket")
