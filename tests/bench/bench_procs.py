@@ -136,6 +136,7 @@ class Processes:
         *,
         env: Mapping[str, str] | None = None,
         cpus: set[int] | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start cmd with stdout and stderr to logs/<name>.log, pinned to cpus; in its own session (Ctrl-C
         reaches only the harness, which then stops everything in order)."""
@@ -146,6 +147,7 @@ class Processes:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=dict(env) if env is not None else None,
+            cwd=cwd,
             preexec_fn=_preexec(cpus),
             start_new_session=True,
         )

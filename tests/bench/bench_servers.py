@@ -224,7 +224,7 @@ def _flush_redis(url: str) -> None:
 # --- credgate configuration, CLI and gateways -------------------------------------------------------------
 
 
-def write_config(path: Path, upstream_port: int, sink_port: int) -> Path:
+def write_config(path: Path, upstream_port: int, sink_port: int, *, signed: bool = True) -> Path:
     """The bench gateway config: an auth="none" route and a protected one to the backend nginx, and a protected
     /sink route to the streaming figure's body sink. Metrics and the access log are on; each gateway gets its
     own metrics port and access log file through the environment. argon2 parameters are the defaults."""
@@ -241,10 +241,10 @@ def write_config(path: Path, upstream_port: int, sink_port: int) -> Path:
         f'prefix = "/"\nupstream = "{upstream}"\nauth = "required"\nname = "api"\n'
         "[[routes]]\n"
         f'prefix = "/sink"\nupstream = "http://127.0.0.1:{sink_port}"\nauth = "required"\nname = "sink"\n'
-        "[[routes]]\n"
-        f'prefix = "/signed"\nupstream = "{upstream}"\nname = "signed"\nidentity_assertion = true\n'
-        "[identity]\n"
-        f'key_files = ["{identity_key(path.parent)}"]\n'
+        + ("[[routes]]\n"
+           f'prefix = "/signed"\nupstream = "{upstream}"\nname = "signed"\nidentity_assertion = true\n'
+           "[identity]\n"
+           f'key_files = ["{identity_key(path.parent)}"]\n' if signed else "")  # --compare: older trees lack it
     )
     return path
 
@@ -330,8 +330,11 @@ def start_gateway(
     run_env.update({"CREDGATE_GATEWAY_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
                     "CREDGATE_GATEWAY_ACCESS_LOG": str(access_log)})
     run_env.update(extra_env or {})
+    # `-m admin` imports from the working directory first: run another checkout's python from its own tree,
+    # or it would measure this tree's code (what --compare once did)
     process = procs.start(name, [python, "-m", "admin", "gateway", "--listen", f"127.0.0.1:{port}",
-                                 "--workers", str(workers)], env=run_env, cpus=cpus)
+                                 "--workers", str(workers)], env=run_env, cpus=cpus,
+                          cwd=Path(python).absolute().parents[2] if python != sys.executable else None)
     log_path = procs.log_path(name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

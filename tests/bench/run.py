@@ -130,14 +130,16 @@ def build_scenarios(backend: Nginx, sut_nginx: Nginx | None, gw1: Gateway, gw2: 
 
 
 def compared(procs: Processes, env: dict[str, str], cpus: set[int], out: Path, tree: str,
-             creds: BenchCredentials, gateways: list[Gateway]) -> list[Scenario]:
+             creds: BenchCredentials, gateways: list[Gateway], ports: tuple[int, int]) -> list[Scenario]:
     """With --compare TREE: the cached-bearer row for another checkout's code (its own .venv), interleaved
     with this tree's rows, so that a before/after comes from one run."""
     if not tree:
         return []
     python = str(Path(tree).resolve() / ".venv" / "bin" / "python")
-    gw = bench_servers.start_gateway(procs, "gateway-base", env, workers=1, cpus=cpus,
-                                     access_log=out / "access-base.log", python=python)
+    config = Path(env["CREDGATE_CONFIG"])
+    older = bench_servers.write_config(config.with_name("credgate-base.toml"), *ports, signed=False)
+    gw = bench_servers.start_gateway(procs, "gateway-base", {**env, "CREDGATE_CONFIG": str(older)}, workers=1,
+                                     cpus=cpus, access_log=out / "access-base.log", python=python)
     gateways.append(gw)
     bearer = (("Authorization", f"Bearer {creds.token}"),)
     return [Scenario("credgate-bearer-base", f"{gw.url}/", bearer, lambda: list(gw.workers),
@@ -196,7 +198,8 @@ def main() -> int:
                                           access_log=out / "access-2w.log")
         gateways += [gw1, gw2]
         scenarios = build_scenarios(backend, sut_nginx, gw1, gw2, creds)
-        scenarios += compared(procs, env, aux, out, args.compare, creds, gateways)
+        scenarios += compared(procs, env, aux, out, args.compare, creds, gateways,
+                              (ports["UPSTREAM_PORT"], sink_port))
         layout = Layout(args.sut_cpu, args.aux_cpu, lambda: backend.pids)
         scenarios = bench_loop.sanity_check(scenarios)
         summary.scenarios = scenarios
