@@ -311,15 +311,14 @@ class Gateway:
         per cache entry and scope."""
         scope_text = None if scope is None else " ".join(sorted(scope))
         key = method.encode() if scope_text is None else b"oauth " + scope_text.encode()
-        block = entry.header_blocks.get(key)
+        block = entry.block(key)
         if block is None:
             groups = entry.groups if scope is None else scope
             values = (str(entry.owner_id), entry.owner_name, groups, entry.public_id, entry.name or None, method)
             headers: dict[str, str | frozenset[str] | None] = dict(zip(self.identity_names, values, strict=True))
             headers[self.scope_header] = scope_text
             block = identity_block(self.policy, headers)
-            if len(entry.header_blocks) < 16:  # clients choose scopes: keep the per-entry cache small
-                entry.header_blocks[key] = block
+            entry.keep_block(key, block)
         return block
 
     # --- refusals -----------------------------------------------------------------------------------

@@ -64,6 +64,15 @@ class CachedCredential:
     def __repr__(self) -> str:
         return f"CachedCredential(public_id={self.public_id!r}, owner={self.owner_name!r})"
 
+    def block(self, key: bytes) -> bytes | None:
+        """The identity header lines prebuilt for this auth method (or access-token scope), if any."""
+        return self.header_blocks.get(key)
+
+    def keep_block(self, key: bytes, block: bytes) -> None:
+        """Remember a prebuilt identity block; clients choose scopes, so only a few are kept per entry."""
+        if len(self.header_blocks) < 16:
+            self.header_blocks[key] = block
+
     def matches(self, digest: bytes, now: float) -> bool:
         """Whether this secret digest was verified against a hash that is still accepted (constant time)."""
         found = False
