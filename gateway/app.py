@@ -18,10 +18,10 @@ from gateway.core.route_config import Route
 from gateway.core.settings import Settings
 from gateway.core.targets import normalize_target
 from gateway.entry import CachedCredential, Verdict
-from gateway.exchange import Consume, Exchange, Forward, Note, Outcome, Respond
 from gateway.extract import PresentedAccessToken, Refusal, extract
 from gateway.grants import AccessTokenVerifier, Grant
 from gateway.headers import HeaderPolicy, ScannedHeaders, identity_block, is_websocket_upgrade, scan_request_headers
+from gateway.http.exchange import Consume, Exchange, Forward, Note, Outcome, Respond
 from gateway.identity import IdentitySigner
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Sequence
 from gateway.app import Gateway
 from gateway.core.route_config import Route
 from gateway.entry import CachedCredential
-from gateway.exchange import Consume, Exchange, Forward, Note, Respond
 from gateway.headers import ScannedHeaders, describe_peer
+from gateway.http.exchange import Consume, Exchange, Forward, Note, Respond
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -9,7 +9,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from gateway.wire import HOP_BY_HOP, TCHAR
+from gateway.http.framing import HOP_BY_HOP, TCHAR
 
 __all__ = [
     "HeaderPolicy",

@@ -30,7 +30,7 @@ from gateway.app import JSON, NO_STORE, OwnEndpoint, json_body
 from gateway.core import exposure, hashing, store
 from gateway.core.errors import STORE_ERRORS
 from gateway.core.sections import LeakSettings
-from gateway.exchange import Consume, Exchange, Note, Respond
+from gateway.http.exchange import Consume, Exchange, Note, Respond
 
 __all__ = ["KEY_ID_HEADER", "SIGNATURE_HEADER", "LeakEndpoint", "ReporterKeys", "parse_public_keys", "parse_reports"]
 

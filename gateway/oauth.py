@@ -26,9 +26,9 @@ from gateway.core.formats import Presented, client_id_for, parse_key_pair, parse
 from gateway.core.settings import Settings
 from gateway.denylist import TokenDenylist
 from gateway.entry import CachedCredential, Verdict
-from gateway.exchange import Consume, Exchange, Note, Respond
 from gateway.grants import AccessTokenVerifier
 from gateway.headers import HeaderPolicy, scan_request_headers
+from gateway.http.exchange import Consume, Exchange, Note, Respond
 from gateway.tokens import SigningKeys
 
 __all__ = [

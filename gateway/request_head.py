@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Final
 
 from gateway.headers import HeaderPolicy, ScannedHeaders
-from gateway.wire import TCHAR
+from gateway.http.framing import TCHAR
 
 _WEBSOCKET_LINES: Final = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
 # Host values repeat; quoting each once saves work on every request. Cleared when full, so a client sending

@@ -24,10 +24,11 @@ from gateway.core.errors import STORE_ERRORS
 from gateway.core.settings import Settings, parse_listen
 from gateway.core.tasks import background
 from gateway.denylist import TokenDenylist
-from gateway.exchange import Exchange, Respond
 from gateway.forward_auth import ForwardAuth
 from gateway.grants import AccessTokenVerifier
 from gateway.headers import make_policy
+from gateway.http.exchange import Exchange, Respond
+from gateway.http.server import ProxyServer, start_server
 from gateway.identity import HEADER as IDENTITY_HEADER
 from gateway.identity import JWKS_PATH, IdentitySigner
 from gateway.invalidation import InvalidationListener
@@ -36,7 +37,6 @@ from gateway.lookup import CredentialLookup
 from gateway.memory import MemoryCache
 from gateway.metrics import GatewayMetrics
 from gateway.oauth import OAuthEndpoints
-from gateway.proxy import ProxyServer, start_server
 from gateway.ratelimit import RateLimiter
 from gateway.redis_tier import RedisTier
 from gateway.throttle import FailureThrottle

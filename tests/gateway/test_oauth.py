@@ -26,9 +26,9 @@ from gateway.core import hashing, store
 from gateway.core.formats import client_id_for, generate_key_secret, new_public_id
 from gateway.core.settings import Settings
 from gateway.denylist import TokenDenylist
-from gateway.exchange import Exchange, Note, Respond
 from gateway.grants import AccessTokenVerifier, Grant
 from gateway.headers import make_policy
+from gateway.http.exchange import Exchange, Note, Respond
 from gateway.lookup import CredentialLookup
 from gateway.memory import MemoryCache
 from gateway.oauth import (

@@ -22,9 +22,9 @@ import uvloop
 from aiohttp import ClientSession, WSMsgType, web
 
 from gateway.core.settings import Limits
-from gateway.exchange import Exchange, Forward, Outcome, Respond
-from gateway.proxy import ProxyServer, start_server
-from gateway.wire import HOP_BY_HOP
+from gateway.http.exchange import Exchange, Forward, Outcome, Respond
+from gateway.http.framing import HOP_BY_HOP
+from gateway.http.server import ProxyServer, start_server
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -138,7 +138,7 @@ class Proxy:
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         await self.server.shutdown(1.0)
-        state = self.server._state
+        state = self.server.state
         assert not state.connections and not state.tasks and not state.pool.live  # nothing left behind
 
 
@@ -1101,8 +1101,8 @@ PROXY_PROCESS = """
 import asyncio, signal, sys
 import uvloop
 from gateway.core.settings import Limits
-from gateway.exchange import Forward, Respond
-from gateway.proxy import start_server
+from gateway.http.exchange import Forward, Respond
+from gateway.http.server import start_server
 
 class Handler:
     def handle(self, ex):

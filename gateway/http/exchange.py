@@ -1,7 +1,7 @@
 """One request between the data plane and its handler: the `Exchange` the parser fills, the `Note` the handler
 keeps on it, the decisions the handler returns (Respond, Forward, Consume), the `Outcome` it is told, and the
-`Handler` protocol itself. Both halves of the data plane (gateway.proxy, gateway.upstream) and the request
-path (gateway.app) import these; this module imports none of them."""
+`Handler` protocol itself. Every part of the data plane (gateway.http) and the request path (gateway.app)
+import these; this module imports nothing of the product."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Note:
 
 
 class UpstreamLink(Protocol):
-    """The upstream connection relaying an exchange, as the client side drives it (gateway.upstream)."""
+    """The upstream connection relaying an exchange, as the client side drives it (gateway.http.upstream)."""
 
     @property
     def started(self) -> bool:
@@ -58,6 +58,7 @@ class UpstreamLink(Protocol):
         """Body (or tunnel) bytes relayed to the client so far."""
 
     def send_body(self, data: bytes) -> None: ...
+    def send_raw(self, data: bytes) -> None: ...
     def end_body(self) -> None: ...
     def pause_for_client(self) -> None: ...
     def resume_for_client(self) -> None: ...
@@ -65,46 +66,54 @@ class UpstreamLink(Protocol):
 
 
 class Exchange:
-    """One request: filled by the parser callbacks, read (and annotated via `note`) by the handler."""
+    """One request: filled by the request parser, read (and annotated via `note`) by the handler, driven by the
+    client connection. Every field is public: the parser, the connection and the upstream side share them."""
 
     __slots__ = (
-        "_close", "_consume", "_error", "_forward", "_fwd_started", "_handled", "_pending", "_pending_bytes",
-        "_received", "_response_done", "_retried", "_sent", "_status", "_task", "_upstream", "body_done", "chunked",
-        "client_ip", "client_port", "content_length", "expect_continue", "has_body", "headers", "http_minor",
-        "keep_alive", "method", "note", "started", "target", "upgrade", "upgrade_value",
+        "answered", "body_done", "bytes_sent", "chunked", "client_ip", "client_port", "close_after", "consume",
+        "content_length", "error", "expect_continue", "forward", "forward_started", "handled", "has_body",
+        "headers", "held", "held_bytes", "http_minor", "keep_alive", "method", "note", "received", "retried",
+        "started", "status", "target", "task", "upgrade", "upgrade_value", "upstream",
     )  # fmt: skip
 
     def __init__(self, client_ip: str, client_port: int, target: bytes) -> None:
+        # What the parser fills (and the handler reads).
         self.method = b""
         self.target = target
         self.http_minor = 1
         self.headers: list[tuple[bytes, bytes]] = []
         self.client_ip = client_ip
         self.client_port = client_port
-        self.started = 0.0
+        self.started = 0.0  # perf_counter() when the head was complete
         self.keep_alive = True
         self.has_body = self.chunked = self.upgrade = self.expect_continue = False
         self.content_length: int | None = None
-        self.note: Note | None = None
-        # Data-plane state below (upstream.py reads the public-looking ones).
         self.upgrade_value = b""
-        self.body_done = False
-        self._handled = self._response_done = self._close = self._retried = False
-        self._status = self._sent = self._received = self._pending_bytes = 0  # status, body bytes sent to client
-        self._error: str | None = None
-        self._pending: list[bytes] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._upstream: UpstreamLink | None = None
-        self._forward: Forward | None = None
-        self._consume: Consume | None = None
-        self._fwd_started = 0.0
+        self.note: Note | None = None  # the handler's
+        # How far the exchange got (the data plane's).
+        self.body_done = False  # the whole request body has been read
+        self.received = 0  # request body bytes read
+        self.handled = False  # handle() was called and done() not yet
+        self.answered = False  # the response is written (or being relayed to its end): body bytes are dropped
+        self.close_after = False  # close the connection once this exchange is complete
+        self.retried = False  # a stale pooled connection was replaced once already
+        self.status = 0  # status sent to the client
+        self.bytes_sent = 0  # body bytes sent to the client
+        self.error: str | None = None  # Outcome.error
+        self.held: list[bytes] | None = None  # body (or tunnel) bytes read while no upstream is attached
+        self.held_bytes = 0
+        self.task: asyncio.Task[None] | None = None  # a pending decision or upstream connect
+        self.upstream: UpstreamLink | None = None  # the connection relaying this exchange
+        self.forward: Forward | None = None
+        self.forward_started = 0.0  # perf_counter() of a decision that came later than the head
+        self.consume: Consume | None = None
 
-    def take_pending(self) -> list[bytes] | None:
+    def take_held(self) -> list[bytes] | None:
         """Body (or tunnel) bytes held while no upstream was attached; empties the hold."""
-        pending = self._pending
-        self._pending = None
-        self._pending_bytes = 0
-        return pending
+        held = self.held
+        self.held = None
+        self.held_bytes = 0
+        return held
 
     def __repr__(self) -> str:
         return f"<Exchange {self.method!r} {self.target[:80]!r} from {self.client_ip}>"
