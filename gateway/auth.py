@@ -47,6 +47,7 @@ class Authenticator:
         throttle: FailureThrottle,
     ) -> None:
         self.key = server_key
+        self._digester = hashing.SecretDigester(server_key)
         self.lookup = lookup
         self.argon2 = argon2
         self.throttle = throttle
@@ -56,13 +57,13 @@ class Authenticator:
 
     def digest(self, presented: Presented) -> bytes:
         """The keyed digest this secret is remembered by (never the secret itself)."""
-        return hashing.secret_digest(self.key, presented.kind, presented.public_id, presented.secret)
+        return self._digester.digest(presented.kind, presented.public_id, presented.secret)
 
     def check(self, presented: Presented, client_ip: str) -> Verdict | Awaitable[Verdict]:
         """The verdict now when memory knows the answer, else an awaitable that finds out."""
         if isinstance(presented, PresentedLegacy):
             return self._check_legacy(presented, client_ip)
-        digest = self.digest(presented)
+        digest = self._digester.digest(presented.kind, presented.public_id, presented.secret)
         lookup = self.lookup
         entry = lookup.fresh(presented.public_id)
         if isinstance(entry, Negative):
@@ -73,9 +74,10 @@ class Authenticator:
             if entry.revoked:  # invalid whatever the secret: no verification needed
                 lookup.observe("memory", "hit")
                 return INVALID
-            if entry.matches(digest, time.time()):
+            now = time.time()
+            if entry.matches(digest, now):
                 lookup.observe("memory", "hit")
-                return status_of(entry, time.time())
+                return status_of(entry, now)
         lookup.observe("memory", "miss")
         key = (presented.public_id, digest)
         return self._verifications.run(key, lambda: self._verify_through_tiers(presented, digest, client_ip))

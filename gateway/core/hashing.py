@@ -21,6 +21,7 @@ __all__ = [
     "Argon2Busy",
     "Argon2Params",
     "Argon2Pool",
+    "SecretDigester",
     "digests_equal",
     "hash_secret",
     "hasher_from",
@@ -98,6 +99,39 @@ def needs_rehash(hasher: PasswordHasher, stored_hash: str) -> bool:
 
 def _length_prefixed(value: bytes) -> bytes:
     return len(value).to_bytes(4, "big") + value
+
+
+class SecretDigester:
+    """secret_digest for one server key, with the key's HMAC pads hashed once (RFC 2104): the same digest for
+    about half the cost per call, since the request path computes one per request with a credential."""
+
+    __slots__ = ("_inner", "_outer", "_prefixes")
+
+    def __init__(self, server_key: bytes) -> None:
+        if not server_key:
+            raise ValueError("server key must not be empty")
+        block = hashlib.sha256().block_size
+        key = hashlib.sha256(server_key).digest() if len(server_key) > block else server_key
+        key = key.ljust(block, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+        self._prefixes: dict[str, bytes] = {}
+
+    def __repr__(self) -> str:
+        return "SecretDigester(<key hidden>)"
+
+    def digest(self, kind: str, public_id: str, secret: str) -> bytes:
+        """HMAC-SHA256 under the server key of (kind, public_id, secret), as secret_digest."""
+        prefix = self._prefixes.get(kind)
+        if prefix is None:
+            prefix = self._prefixes[kind] = _DIGEST_DOMAIN + _length_prefixed(kind.encode("utf-8"))
+        inner = self._inner.copy()
+        inner.update(prefix)
+        inner.update(_length_prefixed(public_id.encode("utf-8")))
+        inner.update(_length_prefixed(secret.encode("utf-8")))
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 def secret_digest(server_key: bytes, kind: str, public_id: str, secret: str) -> bytes:

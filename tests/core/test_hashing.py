@@ -16,6 +16,7 @@ from gateway.core.hashing import (
     Argon2Busy,
     Argon2Params,
     Argon2Pool,
+    SecretDigester,
     digests_equal,
     hash_secret,
     make_hasher,
@@ -122,6 +123,22 @@ def test_digest_is_constant_for_the_same_input() -> None:
     assert len(first) == 32
     assert first == secret_digest(SERVER_KEY, "token", "abcdefghijkl", SECRET)
     assert digests_equal(first, secret_digest(SERVER_KEY, "token", "abcdefghijkl", SECRET))
+
+
+@pytest.mark.parametrize("key", [SERVER_KEY, b"k", b"k" * 64, b"k" * 65, bytes(range(256))])
+@pytest.mark.parametrize(("kind", "public_id", "secret"), [("token", "abcdefghijkl", SECRET), ("key", "x", ""),
+                                                           ("token", "abcdefghijkl", "ünïcode")])
+def test_the_digester_gives_secret_digest(key: bytes, kind: str, public_id: str, secret: str) -> None:
+    """The request path's digester (HMAC pads hashed once) is the same function: cached digests stay valid."""
+    digester = SecretDigester(key)
+    assert digester.digest(kind, public_id, secret) == secret_digest(key, kind, public_id, secret)
+    assert digester.digest(kind, public_id, secret) == secret_digest(key, kind, public_id, secret)  # reused pads
+    assert "k" * 8 not in repr(digester)
+
+
+def test_the_digester_refuses_an_empty_key() -> None:
+    with pytest.raises(ValueError, match="server key"):
+        SecretDigester(b"")
 
 
 @pytest.mark.parametrize(

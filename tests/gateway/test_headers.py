@@ -4,6 +4,7 @@ the request id rule (gateway.core.request_id). What responses keep is tested on 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -376,11 +377,26 @@ def test_valid_request_id(value: bytes, expected: bool) -> None:
 
 
 def test_new_request_id() -> None:
-    ids = {new_request_id() for _ in range(100)}
-    assert len(ids) == 100
+    ids = {new_request_id() for _ in range(1000)}  # more than one block of OS randomness
+    assert len(ids) == 1000
     for request_id in ids:
         assert len(request_id) == 32 and valid_request_id(request_id)
         int(request_id, 16)
+
+
+def test_a_forked_child_makes_request_ids_of_its_own() -> None:
+    """Ids are cut from a block read ahead: a child forked with the parent's block must not repeat them."""
+    new_request_id()  # the parent holds a block
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(write_end, new_request_id())
+        os._exit(0)
+    os.close(write_end)
+    child_id = os.read(read_end, 64)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert len(child_id) == 32 and child_id != new_request_id()
 
 
 @pytest.mark.parametrize("sent", ["trace-123", "svc.region:req_42-x", "x" * 128])
