@@ -15,7 +15,7 @@ from typing import Any
 
 from tests.bench import bench_procs, bench_profile
 from tests.bench.bench_servers import log
-from tests.bench.bench_wrk import Load, run_wrk
+from tests.bench.bench_wrk import REPORT_LUA, Load, WrkResult, run_wrk
 
 REFERENCE = "nginx-proxy"
 DIRECT = "direct"
@@ -30,6 +30,9 @@ class Scenario:
     note: str
     must_reject: bool = False  # an auth scenario: a missing or malformed credential must get 401/403
     spread: bool = False  # two workers: one per core, wrk and the backend float over both cores
+    script: Path = REPORT_LUA  # the wrk script; one that counts statuses (mix.lua) makes them part of the row
+    env: tuple[tuple[str, str], ...] = ()  # for the script
+    answers: frozenset[int] = frozenset()  # statuses >= 400 the scenario asks for: answers, not errors
 
 
 @dataclass(frozen=True)
@@ -95,11 +98,11 @@ def measure(s: Scenario, layout: Layout, *, run: int, conns: int, threads: int, 
         time.sleep(0.2)
         load = Load(conns=conns, threads=threads, cpus=wrk_cpus, think_ms=think_ms)
         if warmup > 0:
-            run_wrk(s.url, load, warmup, headers=s.headers)
+            run_wrk(s.url, load, warmup, headers=s.headers, script=s.script, env=dict(s.env))
         if profile_to is not None:
             profiler = bench_profile.start(pids[0], seconds, profile_to, str(layout.aux_cpu))
         cores_before, cpu_before, wall_before = bench_procs.cpu_times(), bench_procs.cpu_ns(pids), time.monotonic()
-        result = run_wrk(s.url, load, seconds, headers=s.headers,
+        result = run_wrk(s.url, load, seconds, headers=s.headers, script=s.script, env=dict(s.env),
                          raw_out=raw_dir / f"{s.name}.{'paced' if think_ms else 'closed'}.run{run}.txt")
         cores_after, cpu_after, wall = bench_procs.cpu_times(), bench_procs.cpu_ns(pids), time.monotonic() - wall_before
     finally:
@@ -122,17 +125,27 @@ def measure(s: Scenario, layout: Layout, *, run: int, conns: int, threads: int, 
     row: dict[str, Any] = {
         "run": run, "scenario": s.name, "mode": "paced" if think_ms else "closed", "wrk_cpus": wrk_cpus,
         "requests": result.requests, "rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-        "errors": result.errors, "sut_pids": len(pids),
+        "errors": _errors(s, result), "sut_pids": len(pids),
         "sut_cpu_us_per_req": (cpu_after - cpu_before) / 1000 / max(1, result.requests),
         "sut_core_busy": round(sut_busy, 1), "aux_core_busy": round(aux_busy, 1), "steal_pct": round(steal, 2),
         "sut_core_others_pct": others,
         "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
     }
+    if result.statuses:
+        row["statuses"] = {str(code): count for code, count in sorted(result.statuses.items())}
     log(f"run{run} {row['mode']} {s.name:24s} {result.rps:9.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
-        f"p99 {result.p99_ms:6.2f} ms  cpu {row['sut_cpu_us_per_req']:6.1f} us/req  errors {result.errors}  "
+        f"p99 {result.p99_ms:6.2f} ms  cpu {row['sut_cpu_us_per_req']:6.1f} us/req  errors {row['errors']}  "
         f"core{layout.sut_cpu} {row['sut_core_busy']}% (others {_pct(others)}) "
-        f"core{layout.aux_cpu} {row['aux_core_busy']}% steal {row['steal_pct']}%")
+        f"core{layout.aux_cpu} {row['aux_core_busy']}% steal {row['steal_pct']}%"
+        + (f"  statuses {row['statuses']}" if "statuses" in row else ""))
     return row
+
+
+def _errors(s: Scenario, result: WrkResult) -> int:
+    """Socket errors and error statuses, except those the scenario asks for (when its script counts them)."""
+    if not result.statuses:
+        return result.errors
+    return result.socket_errors + sum(n for code, n in result.statuses.items() if code >= 400 and code not in s.answers)
 
 
 def interleaved(scenarios: Sequence[Scenario], layout: Layout, *, runs: int, conns: int, threads: int,
@@ -156,7 +169,7 @@ def interleaved(scenarios: Sequence[Scenario], layout: Layout, *, runs: int, con
 # --- tables -----------------------------------------------------------------------------------------------
 
 
-def _by_scenario(rows: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+def by_scenario(rows: Sequence[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
     by: dict[str, dict[int, dict[str, Any]]] = {}
     for row in rows:
         by.setdefault(row["scenario"], {})[row["run"]] = row
@@ -183,10 +196,17 @@ def _median(rows: Sequence[dict[str, Any]], key: str) -> float:
     return float(statistics.median(r[key] for r in rows))
 
 
-def _cpu_ratio(by: dict[str, dict[int, dict[str, Any]]], name: str, ref: str) -> float | None:
-    """Median over runs of ref's CPU per request / name's (same run): throughput per core if both were alone."""
-    inverse = same_run_ratio(by, name, ref, "sut_cpu_us_per_req")
-    return 1 / inverse if inverse else None
+def cpu_ratio(by: dict[str, dict[int, dict[str, Any]]], name: str, ref: str) -> float | None:
+    """'x ref by CPU': median over runs of ref's CPU per request / name's (same run), the throughput ratio if
+    each had its core to itself."""
+    key = "sut_cpu_us_per_req"
+    ratios = [by[ref][run][key] / r[key] for run, r in by.get(name, {}).items() if run in by.get(ref, {}) and r[key]]
+    return statistics.median(ratios) if ratios else None
+
+
+def cpu_cost(by: dict[str, dict[int, dict[str, Any]]], name: str, ref: str) -> float | None:
+    """Median over runs of name's CPU per request / ref's (same run): 'x the CPU per request of ref'."""
+    return same_run_ratio(by, name, ref, "sut_cpu_us_per_req")
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -194,7 +214,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def closed_table(scenarios: Sequence[Scenario], rows: Sequence[dict[str, Any]]) -> list[str]:
-    by = _by_scenario(rows)
+    by = by_scenario(rows)
     lines = ["| scenario | req/s (median) | req/s per run | p50 ms | p99 ms | SUT CPU µs/req | x nginx-proxy | "
              "x direct | x nginx-proxy by CPU | others on SUT core % | errors | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -207,14 +227,14 @@ def closed_table(scenarios: Sequence[Scenario], rows: Sequence[dict[str, Any]]) 
             f"| {s.name} | {_median(runs, 'rps'):.0f} | {per_run} | {_median(runs, 'p50_ms'):.2f} | "
             f"{_median(runs, 'p99_ms'):.2f} | {_median(runs, 'sut_cpu_us_per_req'):.1f} | "
             f"{_fmt(same_run_ratio(by, s.name, REFERENCE))} | "
-            f"{_fmt(same_run_ratio(by, s.name, DIRECT))} | {_fmt(_cpu_ratio(by, s.name, REFERENCE))} | "
+            f"{_fmt(same_run_ratio(by, s.name, DIRECT))} | {_fmt(cpu_ratio(by, s.name, REFERENCE))} | "
             f"{_others(runs)} | {sum(r['errors'] for r in runs)} | "
             f"{s.note} |")
     return lines
 
 
 def paced_table(scenarios: Sequence[Scenario], rows: Sequence[dict[str, Any]], rate: int) -> list[str]:
-    by = _by_scenario(rows)
+    by = by_scenario(rows)
     lines = [f"| scenario (offered ~{rate} req/s) | req/s | p50 ms | p99 ms | added p50 ms over direct | "
              "added p99 ms over direct | SUT CPU µs/req | errors |",
              "|---|---|---|---|---|---|---|---|"]

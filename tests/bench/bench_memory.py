@@ -58,9 +58,9 @@ def fill(count: int) -> Any:
             change_seq=0)
         entry = CachedCredential.from_record(record, now)
         entry.add_digest(digest, entry.current_fp)
-        entry.header_blocks[b"bearer"] = identity_block(policy, {
+        entry.keep_block(b"bearer", identity_block(policy, {
             "X-Auth-User-Id": str(owner), "X-Auth-User": entry.owner_name, "X-Auth-Groups": entry.groups,
-            "X-Auth-Credential-Id": public_id, "X-Auth-Credential-Name": entry.name, "X-Auth-Method": "bearer"})
+            "X-Auth-Credential-Id": public_id, "X-Auth-Credential-Name": entry.name, "X-Auth-Method": "bearer"}))
         cache.put(entry)
     return cache
 

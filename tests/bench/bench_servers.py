@@ -28,6 +28,9 @@ BENCH_DB = "credgate_bench"
 BENCH_REDIS_DB = 9
 LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 APT_PACKAGES = {"nginx": "nginx", "wrk": "wrk", "taskset": "util-linux"}
+# The mix row's three protected routes (same backend). Prefixes of 5 characters, a length the table has already
+# ("/open", "/sink"): the other rows' paths cost the route lookup exactly what they did without them.
+MIX_ROUTES = ("/svc1", "/svc2", "/svc3")
 
 
 def log(msg: str) -> None:
@@ -211,6 +214,24 @@ def _redis_ping(port: int) -> bool:
         return False
 
 
+def clear_failure_counts(url: str) -> int:
+    """Delete the failure throttle's counters (gateway.redis_tier fail:* keys) in the bench's Redis database;
+    returns how many there were. The mix row's wrong secrets leave the address 127.0.0.1 with failures
+    counted, which would otherwise count against the cold path's concurrent verifications."""
+    import redis
+
+    from gateway.redis_tier import REDIS_PREFIX
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"{REDIS_PREFIX}fail:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        return len(keys)
+    finally:
+        client.close()
+
+
 def _flush_redis(url: str) -> None:
     import redis
 
@@ -224,11 +245,16 @@ def _flush_redis(url: str) -> None:
 # --- credgate configuration, CLI and gateways -------------------------------------------------------------
 
 
-def write_config(path: Path, upstream_port: int, sink_port: int, *, signed: bool = True) -> Path:
-    """The bench gateway config: an auth="none" route and a protected one to the backend nginx, and a protected
-    /sink route to the streaming figure's body sink. Metrics and the access log are on; each gateway gets its
-    own metrics port and access log file through the environment. argon2 parameters are the defaults."""
+def write_config(path: Path, upstream_port: int, sink_port: int, *, signed: bool = True,
+                 throttle_window: float | None = None) -> Path:
+    """The bench gateway config: an auth="none" route and a protected one to the backend nginx, three more
+    protected ones to it for the mix row (MIX_ROUTES), and a protected /sink route to the streaming figure's
+    body sink. Metrics and the access log are on; each gateway gets its own metrics port and access log file
+    through the environment. argon2 parameters are the defaults; so is the failure throttle, unless
+    throttle_window (seconds) is given (the mix row's gateway)."""
     upstream = f"http://127.0.0.1:{upstream_port}"
+    mix_routes = "".join(f'[[routes]]\nprefix = "{prefix}"\nupstream = "{upstream}"\nauth = "required"\n'
+                         f'name = "{prefix.strip("/")}"\n' for prefix in MIX_ROUTES)
     path.write_text(
         "# written by tests/bench/run.py\n"
         "[gateway]\n"
@@ -241,10 +267,12 @@ def write_config(path: Path, upstream_port: int, sink_port: int, *, signed: bool
         f'prefix = "/"\nupstream = "{upstream}"\nauth = "required"\nname = "api"\n'
         "[[routes]]\n"
         f'prefix = "/sink"\nupstream = "http://127.0.0.1:{sink_port}"\nauth = "required"\nname = "sink"\n'
+        + mix_routes
         + ("[[routes]]\n"
            f'prefix = "/signed"\nupstream = "{upstream}"\nname = "signed"\nidentity_assertion = true\n'
            "[identity]\n"
            f'key_files = ["{identity_key(path.parent)}"]\n' if signed else "")  # --compare: older trees lack it
+        + ("" if throttle_window is None else f"[throttle]\nwindow_seconds = {throttle_window:g}\n")
     )
     return path
 
@@ -286,6 +314,7 @@ class BenchCredentials:
     client_id: str
     secret: str
     limited_token: str  # a token with a 1,000,000/minute rate limit (issue 14's bench row)
+    wrong_token: str  # well-formed, of a real credential of its own ("bench-stale"), with a wrong secret (mix row)
 
 
 def make_credentials(env: dict[str, str]) -> BenchCredentials:
@@ -295,7 +324,22 @@ def make_credentials(env: dict[str, str]) -> BenchCredentials:
     key = cli(env, "credentials", "create", "--owner", "bench-svc", "--kind", "key", "--name", "bench-key")
     limited = cli(env, "credentials", "create", "--owner", "bench-svc", "--kind", "token", "--name", "bench-limited",
                   "--rate-limit", "1000000/minute")
-    return BenchCredentials(token["token"], key["client_id"], key["secret"], limited["token"])
+    stale = cli(env, "credentials", "create", "--owner", "bench-svc", "--kind", "token", "--name", "bench-stale")
+    return BenchCredentials(token["token"], key["client_id"], key["secret"], limited["token"],
+                            wrong_secret_token(stale["token"]))
+
+
+def wrong_secret_token(token: str) -> str:
+    """A well-formed token (prefix, alphabet, checksum) of the same credential, with another secret."""
+    from gateway.core.formats import generate_token, parse_token
+
+    presented = parse_token(token)
+    if presented is None:
+        raise RuntimeError("the CLI made a token gateway.core.formats does not parse")
+    while True:
+        wrong = generate_token(presented.public_id)
+        if wrong != token:
+            return wrong
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""wrk as the load generator: one bounded run, pinned with taskset, parsed from the RESULT line of report.lua."""
+"""wrk as the load generator: one bounded run, pinned with taskset, parsed from the RESULT line of report.lua
+(and the STATUSES line of mix.lua, when it runs)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 CONF = Path(__file__).resolve().parent / "conf"
 REPORT_LUA = CONF / "report.lua"
 ROTATE_LUA = CONF / "rotate.lua"
+MIX_LUA = CONF / "mix.lua"
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +26,12 @@ class WrkResult:
     p99_ms: float
     errors: int  # socket errors + non-2xx/3xx answers
     raw: dict[str, float]
+    statuses: dict[int, int]  # answers per status; only from a script that counts them (mix.lua), else empty
+
+    @property
+    def socket_errors(self) -> int:
+        r = self.raw
+        return int(r["err_connect"] + r["err_read"] + r["err_write"] + r["err_timeout"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +48,13 @@ def rotation_script(out_dir: Path) -> Path:
     """report.lua + rotate.lua in one file (wrk takes a single script)."""
     path = out_dir / "wrk-rotate.lua"
     path.write_text(REPORT_LUA.read_text() + "\n" + ROTATE_LUA.read_text())
+    return path
+
+
+def mix_script(out_dir: Path) -> Path:
+    """report.lua + mix.lua in one file."""
+    path = out_dir / "wrk-mix.lua"
+    path.write_text(REPORT_LUA.read_text() + "\n" + MIX_LUA.read_text())
     return path
 
 
@@ -76,6 +91,8 @@ def parse(text: str) -> WrkResult | None:
         return None
     r = json.loads(match.group(1))
     errors = r["err_connect"] + r["err_read"] + r["err_write"] + r["err_status"] + r["err_timeout"]
+    counted = re.search(r"^STATUSES (\{.*\})$", text, re.M)
+    statuses = {int(k): int(v) for k, v in json.loads(counted.group(1)).items()} if counted else {}
     return WrkResult(
         requests=int(r["requests"]),
         seconds=r["duration_us"] / 1e6,
@@ -84,4 +101,5 @@ def parse(text: str) -> WrkResult | None:
         p99_ms=r["p99_us"] / 1000,
         errors=int(errors),
         raw=r,
+        statuses=statuses,
     )

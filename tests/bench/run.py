@@ -24,7 +24,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
 
-from tests.bench import bench_loop, bench_profile, bench_servers
+from tests.bench import bench_loop, bench_mix, bench_profile, bench_servers
 from tests.bench.bench_further import Running, further_figures
 from tests.bench.bench_loop import Layout, Scenario
 from tests.bench.bench_procs import Processes
@@ -76,8 +76,8 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def build_scenarios(backend: Nginx, sut_nginx: Nginx | None, gw1: Gateway, gw2: Gateway,
-                    creds: BenchCredentials) -> list[Scenario]:
+def build_scenarios(backend: Nginx, sut_nginx: Nginx | None, gw1: Gateway, gw2: Gateway, gw_mix: Gateway,
+                    creds: BenchCredentials, work: Path) -> list[Scenario]:
     bench_token = (("Authorization", "Bearer bench-token"),)
     bearer = (("Authorization", f"Bearer {creds.token}"),)
     pair = (("accessKey", creds.client_id), ("secretKey", creds.secret))
@@ -123,6 +123,7 @@ def build_scenarios(backend: Nginx, sut_nginx: Nginx | None, gw1: Gateway, gw2: 
                  "1 worker, cached accessKey/secretKey", must_reject=True),
         Scenario("credgate-basic", f"{gw1.url}/", basic, lambda: workers(gw1), "1 worker, cached Basic key pair",
                  must_reject=True),
+        bench_mix.scenario(gw_mix, creds, work),
         Scenario("credgate-bearer-2w", f"{gw2.url}/", bearer, lambda: workers(gw2),
                  "2 workers, one per core; wrk + upstream float over both cores", must_reject=True, spread=True),
     ]
@@ -196,12 +197,14 @@ def main() -> int:
                                           extra_env={"CREDGATE_FORWARD_AUTH_LISTEN": f"127.0.0.1:{forward_auth_port}"})
         gw2 = bench_servers.start_gateway(procs, "gateway-2w", env, workers=2, cpus=aux,
                                           access_log=out / "access-2w.log")
-        gateways += [gw1, gw2]
-        scenarios = build_scenarios(backend, sut_nginx, gw1, gw2, creds)
+        gw_mix = bench_mix.start_gateway(procs, env, work, out, (ports["UPSTREAM_PORT"], sink_port), aux)
+        gateways += [gw1, gw2, gw_mix]
+        scenarios = build_scenarios(backend, sut_nginx, gw1, gw2, gw_mix, creds, work)
         scenarios += compared(procs, env, aux, out, args.compare, creds, gateways,
                               (ports["UPSTREAM_PORT"], sink_port))
         layout = Layout(args.sut_cpu, args.aux_cpu, lambda: backend.pids)
         scenarios = bench_loop.sanity_check(scenarios)
+        scenarios = bench_mix.throttle_wrong_secret(scenarios, gw_mix, creds)
         summary.scenarios = scenarios
         profiled = [p for p in args.profile.split(",") if p]
         if profiled and bench_profile.py_spy() is None:
