@@ -36,7 +36,7 @@ class Timed(Protocol):
 class Deadlines:
     """One timer for every deadline of the connections of one event loop."""
 
-    __slots__ = ("_heap", "_loop", "_per_second", "_slots", "_timer", "_timer_slot")
+    __slots__ = ("_heap", "_loop", "_per_second", "_slots", "_ticking", "_timer", "_timer_slot")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, resolution: float = RESOLUTION) -> None:
         self._loop = loop
@@ -45,6 +45,7 @@ class Deadlines:
         self._heap: list[int] = []  # the slots in _slots, earliest first
         self._timer: asyncio.TimerHandle | None = None
         self._timer_slot = 0
+        self._ticking = False  # a tick schedules the next one itself, once, at its end
 
     def arm(self, item: Timed, when: float) -> None:
         """Make sure `item` is asked at `when` (loop time) or a little later."""
@@ -59,7 +60,7 @@ class Deadlines:
             return
         self._slots[slot] = [item]
         heapq.heappush(self._heap, slot)
-        if self._timer is None or slot < self._timer_slot:
+        if not self._ticking and (self._timer is None or slot < self._timer_slot):
             self._schedule(slot)
 
     def close(self) -> None:
@@ -88,6 +89,16 @@ class Deadlines:
         now = self._loop.time()
         due = int(now * self._per_second + 1e-6)  # a timer at a slot's time sees that slot due
         heap = self._heap
+        self._ticking = True
+        try:
+            self._run_due(due, now)
+        finally:
+            self._ticking = False
+        if heap:
+            self._schedule(heap[0])
+
+    def _run_due(self, due: int, now: float) -> None:
+        heap = self._heap
         while heap and heap[0] <= due:
             slot = heapq.heappop(heap)
             for item in self._slots.pop(slot):
@@ -101,5 +112,3 @@ class Deadlines:
                     continue
                 if when:
                     self.arm(item, when)
-        if heap:
-            self._schedule(heap[0])

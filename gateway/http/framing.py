@@ -189,7 +189,7 @@ def render_response(resp: Respond, close: bool, minor: int, head_only: bool) -> 
     for name, value in resp.headers:
         parts += (name, b": ", value, CRLF)
     no_body = head_only or status in NO_BODY_STATUSES or status < 200
-    if status not in NO_BODY_STATUSES:
+    if status not in NO_BODY_STATUSES and status >= 200:  # RFC 9110 8.6: never on 1xx and 204
         parts.append(b"Content-Length: %d\r\n" % len(resp.body))
     if close:
         parts.append(b"Connection: close\r\n")
@@ -227,3 +227,4 @@ def content_length_at(parts: list[bytes]) -> int:
         if len(parts[i]) == 14 and parts[i].lower() == b"content-length":
             return i
     return 0
+

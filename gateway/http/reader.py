@@ -40,7 +40,7 @@ class RequestReader:
 
     __slots__ = (
         "_conn", "_conn_header", "_hosts", "_max_body", "_max_header_bytes", "_max_headers", "_max_request_line",
-        "client_ip", "client_port", "head_bytes", "head_cap", "in_body", "parser", "parsing",
+        "_trailers", "client_ip", "client_port", "head_bytes", "head_cap", "in_body", "parser", "parsing",
     )  # fmt: skip
 
     def __init__(self, conn: Serving, limits: Limits) -> None:
@@ -59,6 +59,7 @@ class RequestReader:
         self.in_body = False  # between the end of a head and the end of its message
         self.head_bytes = 0  # bytes read since the last head began (bounded by head_cap)
         self._hosts = 0
+        self._trailers = 0
         self._conn_header = False
 
     def on_url(self, url: bytes) -> None:
@@ -75,13 +76,18 @@ class RequestReader:
                 raise Refusal(414, "uri_too_long", "request target too long")
             conn.begins_while_busy(url)
         self.parsing = Exchange(self.client_ip, self.client_port, url)
-        self._hosts = 0
+        self._hosts = self._trailers = 0
         self._conn_header = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
         assert ex is not None
         headers = ex.headers
+        if self.in_body:  # a trailer of a chunked body: dropped, but counted against the same limit
+            self._trailers += 1
+            if self._trailers > self._max_headers:
+                raise Refusal(431, "request_header_fields_too_large", "too many request trailer fields")
+            return
         if len(headers) >= self._max_headers:  # bytes are bounded per read and checked at the end of the head
             raise Refusal(431, "request_header_fields_too_large", "too many request header fields")
         if len(name) in REQUEST_WATCHED_LENGTHS:

@@ -1,5 +1,6 @@
 """Tests for gateway.headers and gateway.request_head: what reaches the upstream and what the gateway sets; and
-the request id rule (gateway.core.request_id). What responses keep is tested on the data plane (test_proxy)."""
+the request id rule (gateway.core.request_id). What responses keep is tested on the data plane
+(tests/gateway/http/test_response.py)."""
 
 from __future__ import annotations
 

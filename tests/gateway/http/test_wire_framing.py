@@ -1,51 +1,25 @@
-"""Request smuggling, malformed framing and limits: the data plane answers, closes, and forwards nothing."""
+"""Request smuggling, malformed framing and limits over real sockets: the data plane answers, closes, and
+forwards nothing. The same rules without sockets: test_framing.py and test_reader.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Iterator
 
 import pytest
 
-from gateway.core.settings import Limits
-from tests.gateway.test_proxy import (
-    LOOPS,
-    OK_REPLY,
-    ForwardingHandler,
-    Proxy,
-    RawClient,
-    RawUpstream,
-    Run,
-    get,
-    loop_runner,
-    post,
-)
+from tests.gateway.http.support import SMALL_LIMITS, ForwardingHandler, Proxy, Run
+from tests.gateway.http.support_raw import OK_REPLY, RawClient, RawUpstream, get
 
-LIMITS = Limits(
-    max_header_bytes=2048,
-    max_headers=20,
-    max_request_line=1024,
-    max_body_bytes=1000,
-    head_timeout=0.3,
-    idle_timeout=5.0,
-    body_timeout=0.3,
-)
 H = b"Host: test\r\n"
 GET = b"GET / HTTP/1.1\r\n" + H
 POST = b"POST / HTTP/1.1\r\n" + H
 CHUNKED = b"Transfer-Encoding: chunked\r\n"
 
 
-@pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Iterator[Run]:
-    with loop_runner(request.param) as run_scenario:
-        yield run_scenario
-
-
 # (id, raw request, status the data plane must answer). llhttp refuses most of these itself; the rest are
-# checked in ClientConnection.on_header / on_headers_complete. All are refused before the handler sees them.
+# refused by the request reader (gateway.http.reader, with the rules of gateway.http.framing). All are refused
+# before the handler sees them.
 REFUSED_HEADS = [
     ("cl-and-te", POST + b"Content-Length: 4\r\n" + CHUNKED + b"\r\n0\r\n\r\n", 400),
     ("te-and-cl", POST + CHUNKED + b"Content-Length: 4\r\n\r\n0\r\n\r\n", 400),
@@ -96,6 +70,8 @@ REFUSED_HEADS = [
     ("header-block-too-large", GET + b"X-Big: " + b"v" * 2100 + b"\r\n\r\n", 431),
     ("body-too-large-cl", POST + b"Content-Length: 1001\r\n\r\n" + b"x" * 1001, 413),
 ]
+
+
 # The head is fine (the handler decides on it); the body framing is not. Still nothing reaches the upstream here,
 # since no pooled connection exists yet when the body fails.
 REFUSED_BODIES = [
@@ -108,7 +84,7 @@ REFUSED_BODIES = [
 
 
 async def _refused(request_bytes: bytes, status: int, handler: ForwardingHandler, up: RawUpstream) -> None:
-    async with Proxy(handler, LIMITS) as proxy, RawClient(proxy.port) as client:
+    async with Proxy(handler, SMALL_LIMITS) as proxy, RawClient(proxy.port) as client:
         await client.send(request_bytes)
         response = await client.response()
         assert response.status == status
@@ -148,7 +124,7 @@ def test_smuggling_after_a_valid_pipelined_request(run: Run) -> None:
     async def scenario() -> None:
         smuggled = b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
         async with RawUpstream(OK_REPLY) as up:
-            async with Proxy(ForwardingHandler(up.port), LIMITS) as proxy, RawClient(proxy.port) as client:
+            async with Proxy(ForwardingHandler(up.port), SMALL_LIMITS) as proxy, RawClient(proxy.port) as client:
                 await client.send(get(b"/first") + smuggled + get(b"/never"))
                 first = await client.response()
                 assert (first.status, first.body) == (200, b"ok")
@@ -166,7 +142,7 @@ def test_chunked_body_over_the_limit_after_forwarding_started(run: Run) -> None:
     async def scenario() -> None:
         async with RawUpstream(None) as up:
             handler = ForwardingHandler(up.port)
-            async with Proxy(handler, LIMITS) as proxy, RawClient(proxy.port) as client:
+            async with Proxy(handler, SMALL_LIMITS) as proxy, RawClient(proxy.port) as client:
                 await client.send(
                     b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n200\r\n" + b"x" * 512
                 )
@@ -178,85 +154,5 @@ def test_chunked_body_over_the_limit_after_forwarding_started(run: Run) -> None:
             assert len(up.received) == 1 and b"x" * 512 in up.received[0]
             assert [(o.status, o.error) for o in handler.outcomes] == [(413, "body_too_large")]
             assert up.transports[0].is_closing()
-
-    run(scenario())
-
-
-def test_head_arriving_too_slowly_gets_408(run: Run) -> None:
-    async def scenario() -> None:
-        async with RawUpstream(OK_REPLY) as up:
-            async with Proxy(ForwardingHandler(up.port), LIMITS) as proxy, RawClient(proxy.port) as client:
-                started = time.monotonic()
-                await client.send(b"GET /slowloris HTTP/1.1\r\nHost: test\r\n")
-                for _ in range(3):  # trickling header lines don't extend the deadline
-                    await asyncio.sleep(0.1)
-                    await client.send(b"X-Drip: 1\r\n")
-                response = await client.response()
-                assert response.status == 408 and response.header(b"Connection") == b"close"
-                assert 0.25 < time.monotonic() - started < 3
-                assert await client.at_eof()
-            assert up.received == []
-
-    run(scenario())
-
-
-def test_connection_that_sends_nothing_is_closed_silently(run: Run) -> None:
-    async def scenario() -> None:
-        async with (
-            RawUpstream(OK_REPLY) as up,
-            Proxy(ForwardingHandler(up.port), LIMITS) as proxy,
-            RawClient(proxy.port) as client,
-        ):
-            assert client.reader is not None
-            assert await asyncio.wait_for(client.reader.read(), 3) == b""
-
-    run(scenario())
-
-
-def test_body_arriving_too_slowly_is_refused(run: Run) -> None:
-    async def scenario() -> None:
-        async with RawUpstream(None) as up:
-            handler = ForwardingHandler(up.port)
-            async with Proxy(handler, LIMITS) as proxy, RawClient(proxy.port) as client:
-                await client.send(b"PUT / HTTP/1.1\r\n" + H + b"Content-Length: 10\r\n\r\nabc")
-                response = await client.response()
-                assert response.status == 408
-                assert await client.at_eof()
-            assert [o.error for o in handler.outcomes] == ["client_timeout"]
-
-    run(scenario())
-
-
-def test_endless_header_across_reads_is_cut_off(run: Run) -> None:
-    """httptools buffers one header value internally; the per-read bound stops it growing without limit."""
-
-    async def scenario() -> None:
-        async with RawUpstream(OK_REPLY) as up:
-            async with Proxy(ForwardingHandler(up.port), LIMITS) as proxy, RawClient(proxy.port) as client:
-                await client.send(b"GET / HTTP/1.1\r\nHost: test\r\nX-Endless: ")
-                for _ in range(4):  # past max_request_line + max_header_bytes (3072) in the 4th read
-                    await asyncio.sleep(0.02)
-                    await client.send(b"v" * 1000)
-                response = await client.response()
-                assert response.status == 431
-            assert up.received == []
-
-    run(scenario())
-
-
-def test_limits_are_inclusive(run: Run) -> None:
-    """Exactly at the limits is fine."""
-
-    async def scenario() -> None:
-        async with RawUpstream(OK_REPLY) as up:
-            async with Proxy(ForwardingHandler(up.port), LIMITS) as proxy, RawClient(proxy.port) as client:
-                await client.send(post(b"/", b"x" * 1000))
-                assert (await client.response()).status == 200
-                await client.send(b"GET /" + b"a" * 1023 + b" HTTP/1.1\r\n" + H + b"\r\n")
-                assert (await client.response()).status == 200
-                extra = b"".join(b"X-%d: v\r\n" % i for i in range(19))
-                await client.send(b"GET / HTTP/1.1\r\n" + H + extra + b"\r\n")
-                assert (await client.response()).status == 200
-            assert len(up.received) == 1 and up.received[0].count(b"\r\nHost: test\r\n") == 3
 
     run(scenario())
