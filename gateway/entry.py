@@ -1,8 +1,13 @@
 """What a gateway process knows about one credential (from the store or from Redis), and the verdict it gives.
 
 A credential is remembered with the keyed digests (HMAC under the server key) of the secrets that passed
-argon2id, each tied to a fingerprint of the hash it was verified against: when the stored hash changes
-(rotation), old digests stop matching without any coordination. No entry ever holds a secret.
+argon2id, each tied to the hash it was verified against (the current one or, within its grace, the previous
+one): when the stored hash changes (rotation), the fingerprints change and old digests stop matching without
+any coordination. No entry ever holds a secret.
+
+A worker holds up to `cache.max_entries` of these, so they are kept small: equal strings and group sets are
+shared between entries, and nothing is allocated for what most credentials never have (a second identity
+block, a second digest, a previous hash).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Generic, Literal, TypeVar
 
 from gateway.core.rate_policy import CredentialLimits, credential_limits
 from gateway.core.store import AuthRecord
@@ -24,12 +29,67 @@ logger = logging.getLogger(__name__)
 # What authentication concluded; "token_expired" is an OAuth access token past its own expiry.
 Outcome = Literal["ok", "invalid", "expired", "suspended", "throttled", "unavailable", "token_expired"]
 
+# The size of a secret's digest (HMAC-SHA256, gateway.core.hashing.secret_digest).
+DIGEST_SIZE: Final = 32
+# Identity blocks kept per entry (one per auth method or access-token scope; clients choose scopes).
+MAX_BLOCKS: Final = 16
+
 
 def fingerprint(secret_hash: str | None) -> str:
     """Short digest of a stored hash: identifies which secret a remembered verification belongs to."""
     if not secret_hash:
         return ""
     return hashlib.sha256(secret_hash.encode()).hexdigest()[:16]
+
+
+_T = TypeVar("_T")
+
+
+class Shared(Generic[_T]):
+    """One instance of each equal value (an owner's name, a set of groups) for all the entries that hold it.
+
+    Bounded: when full it starts over, so entries built afterwards share new instances (only memory, never
+    behaviour, depends on it).
+    """
+
+    __slots__ = ("limit", "values")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.values: dict[_T, _T] = {}
+
+    def __call__(self, value: _T) -> _T:
+        kept = self.values.get(value)
+        if kept is None:
+            if len(self.values) >= self.limit:
+                self.values.clear()
+            self.values[value] = kept = value
+        return kept
+
+
+# Kinds, owner names, creators and hash parameters; group sets.
+shared_text: Final = Shared[str](4096)
+shared_groups: Final = Shared[frozenset[str]](1024)
+
+
+def _split_hash(secret_hash: str) -> tuple[str, bytes]:
+    """A stored hash as (its parameters, shared; the rest): `$argon2id$v=19$m=..,t=..,p=..$` and `salt$hash`."""
+    end = secret_hash.rfind("$", 0, max(secret_hash.rfind("$"), 0)) + 1
+    return shared_text(secret_hash[:end]), secret_hash[end:].encode()
+
+
+def _each_digest(digests: bytes) -> list[bytes]:
+    return [digests[start : start + DIGEST_SIZE] for start in range(0, len(digests), DIGEST_SIZE)]
+
+
+def _known(digests: bytes, digest: bytes) -> bool:
+    """Whether `digest` is one of `digests` (concatenated), in constant time: every one is compared."""
+    if len(digests) == DIGEST_SIZE:  # one: the usual case, and the hot path
+        return hmac.compare_digest(digests, digest)
+    found = False
+    for start in range(0, len(digests), DIGEST_SIZE):
+        found |= hmac.compare_digest(digests[start : start + DIGEST_SIZE], digest)
+    return found
 
 
 @dataclass(slots=True)
@@ -54,68 +114,102 @@ class CachedCredential:
     stored_at: float  # epoch seconds of the last read from the store (travels through Redis)
     seq: int  # the change sequence that read saw (migration 004; travels through Redis)
     limits: CredentialLimits | None = None  # its rate limit and quota (migration 005), shared instances
-    digests: list[tuple[bytes, str]] = field(default_factory=list)  # (digest, fingerprint of hash verified)
-    # Hashes kept in process memory only (never in Redis), so a new secret needs no extra query.
-    secret_hash: str = ""
+    # The digests (DIGEST_SIZE bytes each, concatenated: one object however many) of the secrets verified
+    # against the hash of current_fp, and against the hash of previous_fp (accepted until previous_until).
+    current_digests: bytes = field(default=b"", init=False)
+    previous_digests: bytes = field(default=b"", init=False)
+    # Hashes kept in process memory only (never in Redis), so a new secret needs no extra query. The current
+    # one is split in two (see `secret_hash`): its parameters are shared with every hash that has the same.
+    hash_params: str = field(default="", init=False)
+    hash_rest: bytes = field(default=b"", init=False)
     previous_hash: str = ""
-    header_blocks: dict[bytes, bytes] = field(default_factory=dict)  # per auth method, prebuilt
+    # Identity header lines prebuilt per auth method or access-token scope: usually just one (see `block`).
+    block_key: bytes = field(default=b"", init=False)
+    first_block: bytes | None = field(default=None, init=False)
+    more_blocks: dict[bytes, bytes] | None = field(default=None, init=False)
     ok_verdict: Verdict | None = None  # Verdict("ok", self), built once by status_of
 
     def __repr__(self) -> str:
         return f"CachedCredential(public_id={self.public_id!r}, owner={self.owner_name!r})"
 
+    @property
+    def secret_hash(self) -> str:
+        """The current stored hash ("" when read from Redis: hashes never travel there)."""
+        return self.hash_params + self.hash_rest.decode()
+
+    def keep_hashes(self, current: str, previous: str) -> None:
+        """Keep the stored hashes (in process memory only), so that a new secret is verified without a query."""
+        self.hash_params, self.hash_rest = _split_hash(current) if current else ("", b"")
+        self.previous_hash = previous
+
     def block(self, key: bytes) -> bytes | None:
         """The identity header lines prebuilt for this auth method (or access-token scope), if any."""
-        return self.header_blocks.get(key)
+        if key == self.block_key:
+            return self.first_block
+        more = self.more_blocks
+        return None if more is None else more.get(key)
 
     def keep_block(self, key: bytes, block: bytes) -> None:
         """Remember a prebuilt identity block; clients choose scopes, so only a few are kept per entry."""
-        if len(self.header_blocks) < 16:
-            self.header_blocks[key] = block
+        if self.first_block is None or key == self.block_key:
+            self.block_key, self.first_block = key, block
+        elif self.more_blocks is None:
+            self.more_blocks = {key: block}
+        elif len(self.more_blocks) < MAX_BLOCKS - 1:
+            self.more_blocks[key] = block
+
+    @property
+    def digests(self) -> list[tuple[bytes, str]]:
+        """The remembered digests, each with the fingerprint of the hash it was verified against."""
+        return [(d, self.current_fp) for d in _each_digest(self.current_digests)] + [
+            (d, self.previous_fp) for d in _each_digest(self.previous_digests)
+        ]
 
     def matches(self, digest: bytes, now: float) -> bool:
         """Whether this secret digest was verified against a hash that is still accepted (constant time)."""
-        found = False
-        for known, fp in self.digests:
-            if hmac.compare_digest(known, digest) and (
-                fp == self.current_fp or (fp == self.previous_fp and now < self.previous_until)
-            ):
-                found = True
+        found = _known(self.current_digests, digest)
+        if now < self.previous_until:
+            found |= _known(self.previous_digests, digest)
         return found
 
     def add_digest(self, digest: bytes, fp: str) -> None:
-        if not any(hmac.compare_digest(d, digest) and f == fp for d, f in self.digests):
-            # keep the list tiny: only digests for hashes still accepted
-            self.digests = [(d, f) for d, f in self.digests if f in (self.current_fp, self.previous_fp)]
-            self.digests.append((digest, fp))
+        """Remember a digest verified against the hash with fingerprint `fp`; kept only while this entry still
+        accepts that hash (the current or the previous one)."""
+        if len(digest) != DIGEST_SIZE:
+            raise ValueError("not a secret digest")
+        if fp == self.current_fp:
+            if not _known(self.current_digests, digest):
+                self.current_digests += digest
+        elif fp == self.previous_fp and not _known(self.previous_digests, digest):
+            self.previous_digests += digest
 
     @classmethod
     def from_record(cls, rec: AuthRecord, fetched: float) -> CachedCredential:
         prev_until = (
             rec.previous_expires_at.timestamp() if rec.previous_expires_at and rec.previous_secret_hash else 0.0
         )
-        return cls(
+        entry = cls(
             public_id=rec.public_id,
             credential_id=rec.id,
-            kind=rec.kind,
+            kind=shared_text(rec.kind),
             name=rec.name,
             owner_id=rec.owner_id,
-            owner_name=rec.owner_name,
+            owner_name=shared_text(rec.owner_name),
             owner_disabled=rec.owner_disabled,
             revoked=rec.revoked_at is not None,
             expires_at=rec.expires_at.timestamp() if rec.expires_at else None,
-            creator=rec.creator,
-            groups=frozenset(rec.groups),
+            creator=shared_text(rec.creator),
+            groups=shared_groups(frozenset(rec.groups)),
             current_fp=fingerprint(rec.secret_hash),
             previous_fp=fingerprint(rec.previous_secret_hash) if prev_until else "",
             previous_until=prev_until,
             fetched=fetched,
             stored_at=time.time(),
             seq=rec.change_seq,
-            secret_hash=rec.secret_hash,
-            previous_hash=rec.previous_secret_hash or "",
             limits=credential_limits(rec.rate_limit, rec.quota),
         )
+        entry.keep_hashes(rec.secret_hash, rec.previous_secret_hash or "")
+        return entry
 
     def to_redis(self) -> str:
         return json.dumps(
@@ -147,15 +241,15 @@ class CachedCredential:
         return cls(
             public_id=public_id,
             credential_id=int(d["cid"]),
-            kind=d["k"],
+            kind=shared_text(d["k"]),
             name=d["n"],
             owner_id=int(d["oid"]),
-            owner_name=d["o"],
+            owner_name=shared_text(d["o"]),
             owner_disabled=bool(d["od"]),
             revoked=bool(d["rv"]),
             expires_at=d["x"],
-            creator=d["c"],
-            groups=frozenset(d["g"]),
+            creator=shared_text(d["c"]),
+            groups=shared_groups(frozenset(d["g"])),
             current_fp=d["fp"],
             previous_fp=d["pfp"],
             previous_until=float(d["pu"]),
@@ -164,7 +258,6 @@ class CachedCredential:
             seq=int(d.get("sq", -1)),  # written by an older version: re-validated after any change
             limits=credential_limits(d.get("rl"), d.get("q")),
         )
-
 
     @classmethod
     def from_redis_fields(cls, public_id: str, fields: dict[bytes, bytes], fetched: float) -> CachedCredential | None:
@@ -179,8 +272,8 @@ class CachedCredential:
             return None
         for name, fp in fields.items():
             if name.startswith(b"d:"):
-                with contextlib.suppress(ValueError):
-                    entry.digests.append((bytes.fromhex(name[2:].decode()), fp.decode()))
+                with contextlib.suppress(ValueError):  # malformed: could never match a digest anyway
+                    entry.add_digest(bytes.fromhex(name[2:].decode()), fp.decode())
         return entry
 
 
@@ -189,7 +282,6 @@ class Negative:
     """An id the store does not know, remembered briefly so floods of it cost no I/O."""
 
     until: float  # time.monotonic()
-
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,4 +1,8 @@
-"""The process-local cache tier: public id -> CachedCredential (or Negative), with an owner index for evictions."""
+"""The process-local cache tier: public id -> CachedCredential (or Negative), with an owner index for evictions.
+
+The owner index costs little per credential: an owner with one cached credential is indexed by that id alone,
+one with more by an insertion-ordered dict used as a set (smaller than a set in CPython).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ class MemoryCache:
 
     def __init__(self, max_entries: int) -> None:
         self.entries: dict[str, CachedCredential | Negative] = {}
-        self.by_owner: dict[int, set[str]] = {}
+        self.by_owner: dict[int, str | dict[str, None]] = {}  # owner id -> its cached public id(s)
         self.max_entries = max_entries
         # Bumped on every eviction; a store read that started before a bump must not be cached.
         self.generation = 0
@@ -31,7 +35,7 @@ class MemoryCache:
         if isinstance(old, CachedCredential) and old.owner_id != entry.owner_id:
             self._unindex(old)
         self.entries[entry.public_id] = entry
-        self.by_owner.setdefault(entry.owner_id, set()).add(entry.public_id)
+        self._index(entry)
         self._bound()
 
     def put_negative(self, public_id: str, ttl: float) -> None:
@@ -43,12 +47,34 @@ class MemoryCache:
             oldest = next(iter(self.entries))
             self.evict(oldest)
 
+    def _index(self, entry: CachedCredential) -> None:
+        owner_id, public_id = entry.owner_id, entry.public_id
+        ids = self.by_owner.get(owner_id)
+        if ids is None:
+            self.by_owner[owner_id] = public_id
+        elif isinstance(ids, str):
+            if ids != public_id:
+                self.by_owner[owner_id] = {ids: None, public_id: None}
+        else:
+            ids[public_id] = None
+
     def _unindex(self, entry: CachedCredential) -> None:
-        ids = self.by_owner.get(entry.owner_id)
-        if ids is not None:
-            ids.discard(entry.public_id)
-            if not ids:
-                del self.by_owner[entry.owner_id]
+        owner_id, public_id = entry.owner_id, entry.public_id
+        ids = self.by_owner.get(owner_id)
+        if ids is None:
+            return
+        if isinstance(ids, str):
+            if ids == public_id:
+                del self.by_owner[owner_id]
+            return
+        ids.pop(public_id, None)
+        if not ids:
+            del self.by_owner[owner_id]
+
+    def owned(self, owner_id: int) -> list[str]:
+        """The public ids of the owner's cached credentials."""
+        ids = self.by_owner.get(owner_id)
+        return [] if ids is None else [ids] if isinstance(ids, str) else list(ids)
 
     def evict(self, public_id: str) -> None:
         self.generation += 1
@@ -78,11 +104,14 @@ class MemoryCache:
     def outdated(self, entry: CachedCredential) -> bool:
         """Whether the entry's store read saw fewer changes than one that concerns it (it may predate it)."""
         seen = entry.seq
-        return (seen < self.all_changed or seen < self.credential_changed.get(entry.public_id, -1)
-                or seen < self.owner_changed.get(entry.owner_id, -1))
+        return (
+            seen < self.all_changed
+            or seen < self.credential_changed.get(entry.public_id, -1)
+            or seen < self.owner_changed.get(entry.owner_id, -1)
+        )
 
     def evict_owner(self, owner_id: int) -> list[str]:
-        ids = list(self.by_owner.get(owner_id, ()))
+        ids = self.owned(owner_id)
         for public_id in ids:
             self.evict(public_id)
         return ids
