@@ -110,26 +110,33 @@ class AccessLog:
 
     def request(self, record: AccessRecord) -> None:
         """The line for one finished request, fields as in FIELDS; an empty string is written as null."""
+        self.line(record.request_id, record.client, record.method, record.route, record.path, record.status,
+                  record.bytes_sent, record.seconds, record.upstream_seconds, record.auth_method, record.auth_outcome,
+                  record.credential, record.owner, record.creator, record.reason)
+
+    def line(self, request_id: bytes, client: str, method: str, route: str, path: bytes, status: int, bytes_sent: int,
+             seconds: float, upstream_seconds: float | None, auth_method: str, auth_outcome: str, credential: str,
+             owner: str, creator: str, reason: str) -> None:
+        """`request` without the record: the request path's call, one per request (no object to build)."""
         if not self.enabled:
             return
-        upstream_seconds = record.upstream_seconds
         line = _LINE % (
             rfc3339(time.time()),
-            _quote(record.request_id.decode("latin-1")),
-            _quote(record.client),
-            _quote(record.method),
-            _quote(record.route),
-            _quote(record.path.decode("latin-1")),
-            record.status,
-            record.bytes_sent,
-            record.seconds * 1000,
+            _quote(request_id.decode("latin-1")),
+            _quote(client),
+            _quote(method),
+            _quote(route),
+            _quote(path.decode("latin-1")),
+            status,
+            bytes_sent,
+            seconds * 1000,
             "null" if upstream_seconds is None else "%.3f" % (upstream_seconds * 1000),
-            _quote_or_null(record.auth_method),
-            _quote(record.auth_outcome),
-            _quote_or_null(record.credential),
-            _quote_or_null(record.owner),
-            _quote_or_null(record.creator),
-            _quote_or_null(record.reason),
+            _quote(auth_method) if auth_method else "null",
+            _quote(auth_outcome),
+            _quote(credential) if credential else "null",
+            _quote(owner) if owner else "null",
+            _quote(creator) if creator else "null",
+            _quote(reason) if reason else "null",
         )
         self.lines.append(line.encode("ascii"))
         if len(self.lines) >= MAX_PENDING_LINES:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable
 
@@ -79,6 +80,9 @@ class Authenticator:
                 lookup.observe("memory", "hit")
                 return status_of(entry, now)
         lookup.observe("memory", "miss")
+        blocked = self.throttle.blocked_locally(presented.public_id, client_ip)
+        if blocked is not None:  # past a limit in this process already: no Redis, no store, no argon2
+            return Verdict("throttled", retry_after=max(1, math.ceil(blocked)))
         key = (presented.public_id, digest)
         return self._verifications.run(key, lambda: self._verify_through_tiers(presented, digest, client_ip))
 

@@ -145,6 +145,19 @@ async def test_wrong_secrets_are_throttled_before_argon2(rig: Rig) -> None:
     assert rig.argon2.verifications == limit
 
 
+async def test_a_throttled_address_is_refused_from_memory(rig: Rig) -> None:
+    """Past its limit in this process, an address is refused for that id at once: the verdict comes without an
+    await (no Redis, no store read), while other addresses still get the usual answer."""
+    presented, _ = await issue(rig)
+    for _ in range(rig.settings.throttle.max_failures):
+        assert (await rig.check(wrong(presented))).outcome == "invalid"
+    refused = rig.now(wrong(presented))
+    assert isinstance(refused, Verdict) and refused.outcome == "throttled" and refused.retry_after >= 1
+    right = rig.now(presented)  # the right secret from that address too, unless this process knows it already
+    assert isinstance(right, Verdict) and right.outcome == "throttled"
+    assert (await rig.check(wrong(presented), client="192.0.2.11")).outcome == "invalid"
+
+
 async def test_weaker_stored_hash_is_rehashed_after_a_successful_verify(rig: Rig) -> None:
     presented, public_id = await issue(rig)
     weak = hashing.hash_secret(hashing.make_hasher(hashing.Argon2Params(memory_kib=512, time_cost=1)),
