@@ -1,6 +1,6 @@
 """The request path, top to bottom: match route -> extract credential -> authenticate -> decide -> forward.
 
-`Gateway` is the data plane's handler (gateway/proxy.py does the HTTP framing). `handle()` returns a
+`Gateway` is the data plane's handler (gateway/http does the HTTP framing). `handle()` returns a
 response to send or the upstream request to forward; `done()` records metrics, usage and the access log.
 """
 
