@@ -128,7 +128,8 @@ class SecretDigester:
         public = public_id.encode("utf-8")
         secret_bytes = secret.encode("utf-8")
         inner = self._inner.copy()
-        # _length_prefixed, written out: this runs once per request with a credential
+        # _length_prefixed, written out: it runs once per request with a credential (two calls fewer, about 1,000
+        # instructions per request in tests/bench/instructions.py); tests compare the result with secret_digest
         inner.update(b"".join((prefix, len(public).to_bytes(4, "big"), public, len(secret_bytes).to_bytes(4, "big"),
                                secret_bytes)))
         outer = self._outer.copy()
