@@ -147,6 +147,29 @@ def start_gateway(
     extra_env: Mapping[str, str] | None = None,
     timeout: float = 30,
 ) -> GatewayProcess:
+    """`credgate gateway` on free ports; started again on other ports when one was taken meanwhile (free_port
+    can only find a port that is free now: an outgoing connection may take it before the gateway binds)."""
+    for attempt in range(3):
+        try:
+            return _start_gateway(env, config, tmp, workers, extra_env, timeout)
+        except _PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _start_gateway(
+    env: Mapping[str, str],
+    config: Path,
+    tmp: Path,
+    workers: int,
+    extra_env: Mapping[str, str] | None,
+    timeout: float,
+) -> GatewayProcess:
     port, metrics_port = free_port(), free_port()
     log_path = tmp / f"gateway-{port}.log"
     run_env = dict(env)
@@ -176,6 +199,8 @@ def start_gateway(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            if "address already in use" in gw.log().lower():
+                raise _PortTaken(gw.log())
             raise RuntimeError(f"gateway exited with {process.returncode}:\n{gw.log()}")
         if "listening on" in gw.log():
             return gw
