@@ -264,19 +264,7 @@ class Gateway:
         entry: CachedCredential | None = None,
         limit_fields: bytes = b"",
     ) -> Respond | Forward:
-        """The request may pass: here it is forwarded (gateway.forward_auth answers 200 instead)."""
-        return self.forward(ex, route, scanned, note, identity, entry, limit_fields)
-
-    def forward(
-        self,
-        ex: Exchange,
-        route: Route,
-        scanned: ScannedHeaders,
-        note: Note,
-        identity: bytes,
-        entry: CachedCredential | None = None,
-        limit_fields: bytes = b"",
-    ) -> Forward:
+        """The request may pass: here it is forwarded upstream (gateway.forward_auth answers 200 instead)."""
         note.outcome = "ok" if identity else "none"
         websocket = scanned.upgrade is not None
         host = None if route.preserve_host and scanned.host else self.upstream_hosts[route.prefix]
