@@ -13,7 +13,7 @@ from typing import Final
 
 from gateway.core.settings import Limits
 from gateway.http.exchange import Consume, Exchange, Forward, Handler, Outcome, Respond, UpstreamLink
-from gateway.http.framing import CONTINUE, WRITE_HIGH_WATER, Refusal, render_response
+from gateway.http.framing import CONTINUE, WRITE_HIGH_WATER, Refusal, render_response, too_large
 from gateway.http.pool import UpstreamPool
 from gateway.http.server_state import ServerState
 from gateway.http.upstream import UpstreamConnection
@@ -129,7 +129,8 @@ class Answers:
     def _consume(self, ex: Exchange, consume: Consume) -> None:
         """Collect the body here (held like an undecided body), then answer with the callback's response."""
         if (ex.content_length is not None and ex.content_length > consume.limit) or ex.received > consume.limit:
-            self.error_reply(ex, 413, "content_too_large", "request body too large", "body_too_large")
+            refusal = too_large()
+            self.error_reply(ex, refusal.status, refusal.error, refusal.description, refusal.outcome)
             return
         ex.consume = consume
         if ex.expect_continue and ex.http_minor and not ex.body_done and not ex.received:

@@ -18,7 +18,15 @@ import httptools
 
 from gateway.core.settings import Limits
 from gateway.http.exchange import Exchange
-from gateway.http.framing import REQUEST_WATCHED_LENGTHS, Refusal, check_head, framing_header, head_size, http_minor
+from gateway.http.framing import (
+    REQUEST_WATCHED_LENGTHS,
+    Refusal,
+    check_head,
+    framing_header,
+    head_size,
+    http_minor,
+    too_large,
+)
 
 perf_counter = time.perf_counter
 
@@ -126,7 +134,7 @@ class RequestReader:
         received = ex.received + len(body)
         ex.received = received
         if (self._max_body and received > self._max_body) or (ex.consume is not None and received > ex.consume.limit):
-            raise Refusal(413, "content_too_large", "request body too large", "body_too_large")
+            raise too_large()
         self._conn.body_received(ex, body)
 
     def on_message_complete(self) -> None:
