@@ -121,24 +121,22 @@ class FailureThrottle:
             if window is not None and window.until > now and window.count > 0:
                 window.count -= 1
 
+    def _local_wait(self, key: str, limit: int, now: float) -> float:
+        """Seconds until this process's own count for `key` is under `limit` again (0: it is now)."""
+        window = self.local.get(key)
+        return window.until - now if window is not None and window.until > now and window.count >= limit else 0.0
+
     def blocked_locally(self, public_id: str, address: str) -> float | None:
         """Seconds until this process's own counts let `address` try `public_id` again; None when they do.
         A lower bound of everyone's counts: refusing here needs no Redis and no store read."""
         now = time.monotonic()
-        local = self.local
-        wait = 0.0
-        for key, limit in ((pair_key(public_id, address), self.max_pair), (address_key(address), self.max_address),
-                           (id_key(public_id), self.max_id)):
-            window = local.get(key)
-            if window is not None and window.until > now and window.count >= limit:
-                wait = max(wait, window.until - now)
+        wait = max(self._local_wait(pair_key(public_id, address), self.max_pair, now),
+                   self._local_wait(address_key(address), self.max_address, now),
+                   self._local_wait(id_key(public_id), self.max_id, now))
         return wait or None
 
     def blocked_address_locally(self, address: str) -> float | None:
-        window = self.local.get(address_key(address))
-        if window is not None and window.until > time.monotonic() and window.count >= self.max_address:
-            return window.until - time.monotonic()
-        return None
+        return self._local_wait(address_key(address), self.max_address, time.monotonic()) or None
 
     def note_address_failure(self, address: str) -> None:
         """A failure that ran no argon2 (unknown id): counted per address, in memory only."""
