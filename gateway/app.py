@@ -18,7 +18,7 @@ from gateway.core.route_config import Route
 from gateway.core.settings import Settings
 from gateway.core.targets import normalize_target
 from gateway.entry import CachedCredential, Verdict
-from gateway.extract import PresentedAccessToken, Refusal, extract
+from gateway.extract import PresentedAccessToken, Refusal, extract, shortcut
 from gateway.grants import AccessTokenVerifier, Grant
 from gateway.headers import HeaderPolicy, ScannedHeaders, identity_block, is_websocket_upgrade, scan_request_headers
 from gateway.http.exchange import Consume, Exchange, Forward, Note, Outcome, Respond
@@ -134,6 +134,13 @@ class Gateway:
                 if buckets is not None:
                     return self.limited(ex, route, scanned, note, b"", None, buckets)
             return self.admit(ex, route, scanned, note, b"")
+        quick = shortcut(scanned.authorization, scanned.access_key, scanned.secret_key)
+        if quick is not None:
+            kind, public, secret, quick_method = quick
+            remembered = self.auth.remembered(kind, public, secret)
+            if remembered is not None:
+                note.method = quick_method
+                return self.decide(ex, route, scanned, note, remembered, quick_method)
         found = extract(scanned.authorization, scanned.access_key, scanned.secret_key, self.tokens is not None)
         if isinstance(found, Refusal):
             return self.refuse_credential(note, found)

@@ -16,7 +16,16 @@ from base64 import b64decode
 from dataclasses import dataclass
 from typing import Literal, overload
 
-from gateway.core.formats import Presented, parse_key_pair, parse_legacy_key_pair, parse_legacy_token, parse_token
+from gateway.core.formats import (
+    CredentialKind,
+    Presented,
+    key_pair_shape,
+    parse_key_pair,
+    parse_legacy_key_pair,
+    parse_legacy_token,
+    parse_token,
+    token_shape,
+)
 from gateway.tokens import looks_like_access_token
 
 Method = Literal["bearer", "basic", "headers", "oauth"]
@@ -84,6 +93,36 @@ def extract(
             return Refusal("malformed", "headers", "")
         return presented, "headers"
     return MISSING
+
+
+def shortcut(
+    authorization: tuple[bytes, ...], access_key: tuple[bytes, ...], secret_key: tuple[bytes, ...]
+) -> tuple[CredentialKind, bytes, bytes, Method] | None:
+    """(kind, public id, secret, method) when the headers hold exactly one credgate-shaped credential in its
+    plain form (`Bearer <token>`, `Basic <base64 of id:secret>` or the two key-pair headers), shape only: for
+    gateway.auth.Authenticator.remembered, which answers only for a secret memory knows verified. None:
+    anything else, which extract() decides."""
+    if authorization:
+        if len(authorization) != 1 or access_key or secret_key:
+            return None
+        value = authorization[0]
+        scheme = value[:6].lower()
+        if scheme == b"bearer" and value[6:7] == b" ":
+            token = value[7:]
+            public = token_shape(token)
+            return None if public is None else ("token", public, token, "bearer")
+        if scheme == b"basic " and len(value) <= 512:
+            try:
+                client_id, _, secret = b64decode(value[6:], validate=True).partition(b":")
+            except (binascii.Error, ValueError):
+                return None
+            public = key_pair_shape(client_id, secret)
+            return None if public is None else ("key", public, secret, "basic")
+        return None
+    if len(access_key) == 1 and len(secret_key) == 1:
+        public = key_pair_shape(access_key[0], secret_key[0])
+        return None if public is None else ("key", public, secret_key[0], "headers")
+    return None
 
 
 def _from_authorization(value: bytes, access_tokens: bool) -> tuple[Presented | PresentedAccessToken, Method] | Refusal:

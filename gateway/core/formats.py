@@ -173,6 +173,26 @@ def generate_key_secret() -> str:
     return _with_checksum(KEY_SECRET_PREFIX + _random_base62(_KEY_SECRET_RANDOM_LENGTH))
 
 
+def token_shape(value: bytes) -> bytes | None:
+    """The public id of a value with a token's length and prefix, else None. The alphabet and checksum are not
+    tested: only for a check that needs no more (gateway.auth.Authenticator.remembered)."""
+    if len(value) != TOKEN_LENGTH or not value.startswith(_TOKEN_PREFIX_BYTES):
+        return None
+    return value[_PREFIX_LENGTH:_PUBLIC_ID_END]
+
+
+def key_pair_shape(client_id: bytes, secret: bytes) -> bytes | None:
+    """token_shape for a key pair: the client id's public id when both halves have their length and prefix."""
+    if (
+        len(client_id) != CLIENT_ID_LENGTH
+        or len(secret) != KEY_SECRET_LENGTH
+        or not client_id.startswith(_CLIENT_ID_PREFIX_BYTES)
+        or not secret.startswith(_KEY_SECRET_PREFIX_BYTES)
+    ):
+        return None
+    return client_id[_PREFIX_LENGTH:_PUBLIC_ID_END]
+
+
 def parse_token(value: object) -> Presented | None:
     """The presented token when value is a well-formed token, else None; never raises."""
     text = _well_formed(value, _TOKEN_PREFIX_BYTES, TOKEN_LENGTH)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
 
-from tests.bench import bench_loop, bench_mix, bench_profile, bench_servers
+from tests.bench import bench_lean, bench_loop, bench_mix, bench_profile, bench_servers
 from tests.bench.bench_further import Running, further_figures
 from tests.bench.bench_loop import Layout, Scenario
 from tests.bench.bench_procs import Processes
@@ -62,6 +62,8 @@ def parse_args() -> argparse.Namespace:
                     help="comma list of closed-loop scenarios to profile with py-spy in run 1 (needs py-spy)")
     ap.add_argument("--compare", default="",
                     help="another checkout with its own .venv: adds its cached-bearer row (credgate-bearer-base)")
+    ap.add_argument("--lean-probe", default="",
+                    help="path of the issue's lean_probe.py (../shared/bench/): adds its row, not credgate's")
     ap.add_argument("--embedded", action="store_true",
                     help="use embedded Postgres and Redis even when local ones answer on 5432/6379")
     ap.add_argument("--keep-access-log", action="store_true",
@@ -202,6 +204,7 @@ def main() -> int:
         scenarios = build_scenarios(backend, sut_nginx, gw1, gw2, gw_mix, creds, work)
         scenarios += compared(procs, env, aux, out, args.compare, creds, gateways,
                               (ports["UPSTREAM_PORT"], sink_port))
+        scenarios += bench_lean.rows(procs, args.lean_probe, ports["UPSTREAM_PORT"], aux)
         layout = Layout(args.sut_cpu, args.aux_cpu, lambda: backend.pids)
         scenarios = bench_loop.sanity_check(scenarios)
         scenarios = bench_mix.throttle_wrong_secret(scenarios, gw_mix, creds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -12,9 +13,17 @@ import pytest
 from admin import lifecycle
 from gateway.auth import Authenticator
 from gateway.core import hashing
-from gateway.core.formats import Presented, parse_key_pair, parse_token
+from gateway.core.formats import (
+    Presented,
+    client_id_for,
+    generate_key_secret,
+    generate_token,
+    parse_key_pair,
+    parse_token,
+)
 from gateway.core.settings import Settings
 from gateway.entry import Verdict
+from gateway.extract import Refusal, extract, shortcut
 from gateway.lookup import CredentialLookup
 from gateway.memory import MemoryCache
 from gateway.redis_tier import RedisTier
@@ -166,3 +175,62 @@ async def test_weaker_stored_hash_is_rehashed_after_a_successful_verify(rig: Rig
     assert (await rig.check(presented)).outcome == "ok"
     stored = await rig.pool.fetchval("SELECT secret_hash FROM credentials WHERE public_id = $1", public_id)
     assert stored != weak and not hashing.needs_rehash(rig.argon2.hasher, stored)
+
+
+def remembered(rig: Rig, headers: tuple[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]]) -> Verdict | None:
+    """The request path's shortcut: gateway.extract.shortcut, then Authenticator.remembered."""
+    parts = shortcut(*headers)
+    return None if parts is None else rig.auth.remembered(parts[0], parts[1], parts[2])
+
+
+async def full_path(rig: Rig, headers: tuple[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]]) -> str:
+    found = extract(*headers)
+    return found.reason if isinstance(found, Refusal) else (await rig.check(found[0])).outcome
+
+
+def bearer(token: str) -> tuple[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]]:
+    return (b"Bearer " + token.encode(),), (), ()
+
+
+async def test_the_shortcut_answers_as_the_full_path_or_not_at_all(rig: Rig) -> None:
+    token, _ = await issue(rig)
+    pair, _ = await issue(rig, kind="key")
+    client_id = client_id_for(pair.public_id).encode()
+    forms = {
+        "bearer": bearer(token.secret),
+        "headers": ((), (client_id,), (pair.secret.encode(),)),
+        "basic": ((b"Basic " + base64.b64encode(client_id + b":" + pair.secret.encode()),), (), ()),
+    }
+    for form, headers in forms.items():
+        if form != "basic":  # memory knows nothing yet: the full path verifies (Basic sends the same key pair)
+            assert remembered(rig, headers) is None
+        assert await full_path(rig, headers) == "ok"
+        verdict = remembered(rig, headers)
+        assert verdict is not None and verdict is await rig.check(extract(*headers)[0])  # type: ignore[index]
+    assert rig.argon2.verifications == 2
+    # Right shape, wrong secret: well-formed, a wrong checksum, another case, not ASCII. Memory has no digest.
+    for other in (generate_token(token.public_id), token.secret[:-1] + "x", token.secret.upper(),
+                  token.secret[:30] + "é" + token.secret[32:]):
+        assert remembered(rig, bearer(other)) is None
+        assert await full_path(rig, bearer(other)) in ("invalid", "malformed")
+    wrong_pair = ((), (client_id,), (generate_key_secret().encode(),))
+    assert remembered(rig, wrong_pair) is None and await full_path(rig, wrong_pair) == "invalid"
+
+
+@pytest.mark.parametrize("status", ["expired", "suspended", "revoked"])
+async def test_the_shortcut_tells_a_status_as_the_full_path_does(rig: Rig, status: str) -> None:
+    token, public_id = await issue(rig, owner=f"{status}-svc")
+    actor = lifecycle.cli_actor()
+    if status == "expired":
+        await rig.pool.execute("UPDATE credentials SET expires_at = now() - interval '1 day' WHERE public_id = $1",
+                               public_id)
+    elif status == "suspended":
+        await lifecycle.set_disabled(rig.pool, actor, f"{status}-svc", True)
+    else:
+        await lifecycle.revoke_credential(rig.pool, actor, public_id)
+    outcome = await full_path(rig, bearer(token.secret))
+    verdict = remembered(rig, bearer(token.secret))
+    if status == "revoked":  # memory remembers it revoked: the full path refuses it without any hash
+        assert outcome == "invalid" and verdict is None
+    else:
+        assert outcome == status and verdict is not None and verdict.outcome == status

@@ -12,7 +12,16 @@ from typing import Literal
 import pytest
 
 from gateway.core.formats import Presented, client_id_for, generate_key_secret, generate_token
-from gateway.extract import HALF_PAIR, MISSING, REPEATED, TWO_CREDENTIALS, PresentedAccessToken, Refusal, extract
+from gateway.extract import (
+    HALF_PAIR,
+    MISSING,
+    REPEATED,
+    TWO_CREDENTIALS,
+    PresentedAccessToken,
+    Refusal,
+    extract,
+    shortcut,
+)
 
 PUBLIC_ID = "AbCdEf012345"
 TOKEN = generate_token(PUBLIC_ID).encode()
@@ -73,6 +82,21 @@ def test_a_well_formed_credential_is_presented(
     assert extract(*headers, access_tokens) == (credential, method)
 
 
+# The forms gateway.extract.shortcut reads (the rest, with extra whitespace, fall through to extract()).
+PLAIN_FORMS = {"bearer", "key-pair-headers", "basic", "bearer-lower-case", "bearer-upper-case", "basic-mixed-case"}
+
+
+@pytest.mark.parametrize(("headers", "credential", "method"), PRESENTED)
+def test_the_shortcut_reads_the_plain_forms_as_extract_does(
+    headers: Headers, credential: Presented, method: str, request: pytest.FixtureRequest
+) -> None:
+    parts = shortcut(*headers)
+    if request.node.callspec.id not in PLAIN_FORMS:
+        assert parts is None
+        return
+    assert parts == (credential.kind, credential.public_id.encode(), credential.secret.encode(), method)
+
+
 REFUSED = [
     pytest.param(((), (), ()), MISSING, id="none"),
     # Another scheme, or none, is not a credential of ours: answered as if nothing had been sent.
@@ -129,6 +153,20 @@ REFUSED = [
 @pytest.mark.parametrize("access_tokens", [False, True], ids=["admin", "gateway"])
 def test_refusals(headers: Headers, refusal: Refusal, access_tokens: bool) -> None:
     assert extract(*headers, access_tokens) == refusal
+
+
+@pytest.mark.parametrize(("headers", "refusal"), REFUSED)
+def test_the_shortcut_passes_on_what_extract_refuses_except_by_format(headers: Headers, refusal: Refusal) -> None:
+    """Missing, repeated or conflicting credentials never reach it. A credential of the right shape but a wrong
+    alphabet or checksum may: Authenticator.remembered then finds no verified digest for it (test_auth.py)."""
+    parts = shortcut(*headers)
+    assert parts is None or refusal.reason == "malformed"
+
+
+def test_the_shortcut_leaves_access_tokens_and_legacy_keys_to_extract() -> None:
+    assert shortcut((b"Bearer " + ACCESS_TOKEN,), (), ()) is None
+    assert shortcut((b"Bearer " + b"x" * 48,), (), ()) is None  # a legacy token of a token's length
+    assert shortcut((), (b"AKIA" + b"X" * 18,), (b"s" * 42,)) is None
 
 
 @pytest.mark.parametrize(
