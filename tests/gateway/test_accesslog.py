@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway import accesslog
 from gateway.accesslog import FIELDS, AccessLog, AccessRecord, rfc3339
 from gateway.core.formats import generate_key_secret, generate_token
 from tests.support import Upstream, cli, free_port, running_gateway, write_config
@@ -177,6 +178,23 @@ async def test_request_line_escapes_and_nulls(tmp_path: Path) -> None:
     assert first["reason"] is None and first["client"] == "::1"
     assert second["upstream_ms"] == 250.0 and second["reason"] == "invalid_token" and second["owner"] is None
     assert third["credential"] == "AbCdEfGhIjKl" and third["creator"] == 'cli:"root"' and third["upstream_ms"] == 999.5
+
+
+async def test_remembered_quotes_stay_bounded_and_exact(tmp_path: Path) -> None:
+    """Quoted values are remembered for the next line, up to a bound; past it the memory starts over, and every
+    line still carries its own values, escaped."""
+    target = tmp_path / "access.log"
+    log = AccessLog(str(target))
+    owners = [f'owner-{n}-"\\-é' for n in range(accesslog._QUOTED_MAX + 100)]
+    for n, owner in enumerate(owners):
+        log.request(AccessRecord(b"rid", f"10.0.{n // 256}.{n % 256}", "GET", "api", b"/x", 200, 0, 0.001, None,
+                                 "bearer", "ok", "AbCdEfGhIjKl", owner, "", ""))
+        assert len(accesslog._QUOTED) <= accesslog._QUOTED_MAX
+    await log.close()
+    lines = [json.loads(line) for line in target.read_bytes().splitlines()]
+    assert [line["owner"] for line in lines] == owners
+    assert [line["client"] for line in lines][-1] == f"10.0.{(len(owners) - 1) // 256}.{(len(owners) - 1) % 256}"
+    assert all(line["creator"] is None and line["reason"] is None for line in lines)
 
 
 async def test_periodic_flush_without_close(tmp_path: Path) -> None:
