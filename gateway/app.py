@@ -33,6 +33,8 @@ from gateway.usage import UsageRecorder
 REALM = b'realm="credgate"'
 # The method as text for the metrics and the log, without a decode per request for the common ones.
 _METHOD_TEXT = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS")}
+# The identity block's key per auth method: one bytes object for every cache entry, not one per entry (48 B each).
+_BLOCK_KEYS = {method: method.encode() for method in ("bearer", "basic", "headers", "oauth")}
 JSON = (b"Content-Type", b"application/json")
 NO_STORE = (b"Cache-Control", b"no-store")
 
@@ -300,7 +302,7 @@ class Gateway:
         """The identity header lines for this credential and auth method (and access-token scope), built once
         per cache entry and scope."""
         scope_text = None if scope is None else " ".join(sorted(scope))
-        key = method.encode() if scope_text is None else b"oauth " + scope_text.encode()
+        key = (_BLOCK_KEYS.get(method) or method.encode()) if scope_text is None else b"oauth " + scope_text.encode()
         block = entry.block(key)
         if block is None:
             groups = entry.groups if scope is None else scope
