@@ -118,9 +118,13 @@ async def test_scripted_mix_counts_exactly_across_two_workers(
                         workers.add(r.headers["X-Credgate-Worker"])
         total = len(script)
         deadline = time.monotonic() + 5
-        while True:  # a worker records a request just after its last byte went out
+        # A worker records a request just after its last byte went out, and publishes its counters and then its
+        # histograms every 0.25 s: a scrape between the two sees the one without the other. Wait for both.
+        while True:
             text = await scrape(gw.metrics_port)
-            if sum(by_labels(text, "credgate_requests_total", "route").values()) >= total:
+            if (sum(by_labels(text, "credgate_requests_total", "route").values()) >= total
+                    and sum(by_labels(text, "credgate_request_duration_seconds_count", "route").values()) >= total
+                    and sum(by_labels(text, "credgate_upstream_duration_seconds_count", "route").values()) >= 10):
                 break
             assert time.monotonic() < deadline, "the scrape never showed every request"
             await asyncio.sleep(0.05)
