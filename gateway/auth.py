@@ -80,7 +80,7 @@ class Authenticator:
         """The verdict now when memory knows the answer, else an awaitable that finds out."""
         if isinstance(presented, PresentedLegacy):
             return self._check_legacy(presented, client_ip)
-        digest = self._digester.digest_bytes(presented.kind, presented.public_id.encode(), presented.secret.encode())
+        digest = self.digest(presented)
         lookup = self.lookup
         entry = lookup.fresh(presented.public_id)
         if isinstance(entry, Negative):
