@@ -110,13 +110,7 @@ def test_200mb_download_streams_in_bounded_memory() -> None:
                 writer.write(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
                 head = await reader.readuntil(b"\r\n\r\n")
                 assert b"Content-Length: %d" % TRANSFER in head
-                received = 0
-                while received < TRANSFER:
-                    chunk = await reader.read(CHUNK)
-                    assert chunk
-                    received += len(chunk)
-                    if received < TRANSFER // 4:
-                        await asyncio.sleep(0.001)  # a slow reader first: the proxy must pause the upstream
+                await _read_slowly(reader)  # a slow reader first: the proxy must pause the upstream
                 writer.close()
                 await writer.wait_closed()
                 growth_mib = (_memory_kib(proxy.process.pid, "VmHWM") - before) / 1024
@@ -135,13 +129,7 @@ def test_200mb_upload_streams_in_bounded_memory() -> None:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             if await _small_request(reader, writer):
                 return
-            received = 0
-            while received < TRANSFER:
-                chunk = await reader.read(CHUNK)
-                assert chunk
-                received += len(chunk)
-                if received < TRANSFER // 4:
-                    await asyncio.sleep(0.001)  # a slow upstream first: the proxy must pause the client
+            received = await _read_slowly(reader)  # a slow upstream first: the proxy must pause the client
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(str(received)), received))
             await writer.drain()
             writer.close()
@@ -169,6 +157,18 @@ def test_200mb_upload_streams_in_bounded_memory() -> None:
             await upstream.wait_closed()
 
     uvloop.run(asyncio.wait_for(scenario(), 60))
+
+
+async def _read_slowly(reader: asyncio.StreamReader) -> int:
+    """Read TRANSFER bytes, pausing after each read for the first quarter: the other side must wait for us."""
+    received = 0
+    while received < TRANSFER:
+        chunk = await reader.read(CHUNK)
+        assert chunk
+        received += len(chunk)
+        if received < TRANSFER // 4:
+            await asyncio.sleep(0.001)
+    return received
 
 
 async def _small_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
